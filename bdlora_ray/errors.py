@@ -1,0 +1,49 @@
+"""Typed errors. Each carries the HTTP status the serving layer answers with."""
+
+from __future__ import annotations
+
+
+class BdloraError(Exception):
+    """Base class; `http_status` is what the API returns for it."""
+
+    http_status = 500
+    code = "internal_error"
+
+
+class InvalidRequest(BdloraError):
+    http_status = 400
+    code = "invalid_request_error"
+
+
+class AdapterNotFound(BdloraError):
+    http_status = 404
+    code = "model_not_found"
+
+
+class AdapterInvalid(BdloraError):
+    """An adapter exists but cannot be served: corrupt, wrong shapes, unsupported."""
+
+    http_status = 422
+    code = "adapter_invalid"
+
+
+class AdapterUnavailable(BdloraError):
+    """The adapter store cannot be reached right now; the client may retry."""
+
+    http_status = 503
+    code = "adapter_unavailable"
+    retry_after_s = 5
+
+
+class PoolExhausted(BdloraError):
+    """The unified page pool has no free (or evictable) pages for a request."""
+
+    http_status = 503
+    code = "pool_exhausted"
+    retry_after_s = 1
+
+
+class Overloaded(BdloraError):
+    http_status = 503
+    code = "overloaded"
+    retry_after_s = 1

@@ -1,0 +1,104 @@
+"""Where an adapter shard's weights live inside its pages of the unified pool.
+
+A per-rank shard is a dict of tensors named `layers.{l}.{target}.lora_A`
+(shape (r_A, d_in_local)) and `layers.{l}.{target}.lora_B`
+(shape (d_out_B, r_B)). Every layer of one shard has the same shapes, so one
+`AdapterLayout` describes the adapter's per-layer *virtual buffer*: for each
+target present, in `TARGETS` order, A then B, each row-major, packed back to
+back. The adapter owns `num_pages(P)` pages, and uses the same page ids in
+every layer of the pool (as S-LoRA does), so one page table per adapter
+serves all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+COLUMN_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_TARGETS = ("o_proj", "down_proj")
+
+
+def tensor_name(layer: int, target: str, factor: str) -> str:
+    """Name of one factor ('A' or 'B') of one target in a per-rank shard."""
+    return f"layers.{layer}.{target}.lora_{factor}"
+
+
+@dataclass(frozen=True)
+class Segment:
+    target: str   # one of TARGETS
+    factor: str   # "A" or "B"
+    offset: int   # first element in the per-layer virtual buffer
+    rows: int
+    cols: int
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    num_layers: int
+    segments: tuple[Segment, ...]  # A then B per target, TARGETS order
+
+    @property
+    def layer_numel(self) -> int:
+        """Elements of one layer's virtual buffer."""
+        return sum(s.numel for s in self.segments)
+
+    def num_pages(self, page_elems: int) -> int:
+        return -(-self.layer_numel // page_elems)
+
+    def segment(self, target: str, factor: str) -> Segment | None:
+        for s in self.segments:
+            if s.target == target and s.factor == factor:
+                return s
+        return None
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(s.target for s in self.segments if s.factor == "A")
+
+    @classmethod
+    def from_shapes(cls, num_layers: int, shapes: dict[str, tuple[int, int]]) -> "AdapterLayout":
+        """`shapes` maps `{target}.lora_{A|B}` to (rows, cols) of layer 0."""
+        segments, offset = [], 0
+        for target in TARGETS:
+            for factor in ("A", "B"):
+                key = f"{target}.lora_{factor}"
+                if key not in shapes:
+                    continue
+                rows, cols = shapes[key]
+                segments.append(Segment(target, factor, offset, rows, cols))
+                offset += rows * cols
+        return cls(num_layers, tuple(segments))
+
+    @classmethod
+    def from_shard(cls, num_layers: int, shard: dict[str, Tensor]) -> "AdapterLayout":
+        shapes = {}
+        for target in TARGETS:
+            for factor in ("A", "B"):
+                t = shard.get(tensor_name(0, target, factor))
+                if t is not None:
+                    shapes[f"{target}.lora_{factor}"] = tuple(t.shape)
+        return cls.from_shapes(num_layers, shapes)
+
+    def pack_layer(self, shard: dict[str, Tensor], layer: int, page_elems: int) -> Tensor:
+        """One layer's virtual buffer, zero-padded to whole pages: (num_pages, P)."""
+        n = self.num_pages(page_elems)
+        buf = torch.zeros(n * page_elems, dtype=next(iter(shard.values())).dtype)
+        for s in self.segments:
+            t = shard[tensor_name(layer, s.target, s.factor)]
+            buf[s.offset:s.offset + s.numel] = t.reshape(-1)
+        return buf.view(n, page_elems)
+
+    def write_to_pool(self, shard: dict[str, Tensor], pool: Tensor, pages: Tensor) -> None:
+        """Copy a shard into its pages; `pool` is (num_layers, num_pages, P)."""
+        page_elems = pool.shape[2]
+        pages = pages.to(pool.device, torch.long)
+        for layer in range(self.num_layers):
+            pool[layer, pages] = self.pack_layer(shard, layer, page_elems).to(pool.device, pool.dtype)
