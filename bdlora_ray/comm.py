@@ -1,0 +1,73 @@
+"""The collectives a TP rank issues, behind one small interface that counts them.
+
+Counting is how tests check that BD-LoRA adds no communication: `counts`
+maps a collective's kind to how many times this rank issued it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class Comm:
+    """TP=1: nothing to communicate, so nothing is issued or counted."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """Sum over ranks, in place."""
+        return t
+
+    def all_gather(self, t: Tensor) -> Tensor:
+        """Stack every rank's `t`: (world_size, *t.shape)."""
+        return t.unsqueeze(0)
+
+    def broadcast(self, t: Tensor, src: int = 0) -> Tensor:
+        return t
+
+    def reset_counts(self) -> None:
+        self.counts.clear()
+
+
+class DistComm(Comm):
+    """Collectives over an initialised torch.distributed group (gloo on CPU, nccl on GPU)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        self.counts["all_reduce"] += 1
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def all_gather(self, t: Tensor) -> Tensor:
+        self.counts["all_gather"] += 1
+        t = t.contiguous()
+        out = torch.empty((self.world_size, *t.shape), dtype=t.dtype, device=t.device)
+        dist.all_gather_into_tensor(out, t, group=self.group) if t.is_cuda else \
+            dist.all_gather(list(out.unbind(0)), t, group=self.group)
+        return out
+
+    def broadcast(self, t: Tensor, src: int = 0) -> Tensor:
+        self.counts["broadcast"] += 1
+        dist.broadcast(t, src=src, group=self.group)
+        return t
+
+
+def init_distributed(rank: int, world_size: int, init_method: str, backend: str | None = None) -> DistComm:
+    """Join (or form) the default process group; gloo on CPU, nccl when CUDA is there."""
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    return DistComm()
