@@ -1,0 +1,55 @@
+"""What goes into the engine and what comes out of it (no HTTP, no Ray)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bdlora_ray.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16            # new tokens at most
+    temperature: float = 1.0        # 0 = greedy
+    top_p: float = 1.0              # nucleus mass kept, (0, 1]
+    top_k: int = 0                  # 0 = no top-k cut
+    seed: int | None = None         # per-request RNG seed (reproducible sampling)
+    stop: tuple[str, ...] = ()      # stop strings, excluded from the output
+    ignore_eos: bool = False        # keep going past EOS (benchmarks)
+
+    def validate(self) -> None:
+        if not 1 <= self.max_tokens <= 1 << 20:
+            raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise InvalidRequest(f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}")
+        if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
+            raise InvalidRequest("stop: at most 16 non-empty strings of at most 256 characters")
+        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 63):
+            raise InvalidRequest("seed must fit in 64 bits")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]     # tokenized prompt (the serving layer tokenizes)
+    adapter: str | None             # adapter name, None = base model
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One streamed event of a request: new tokens and text since the last one."""
+
+    request_id: str
+    token_ids: tuple[int, ...]      # tokens added by this event
+    text: str                       # text added by this event
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0      # total so far
+    error: str | None = None        # message when finish_reason == "error"
+    error_status: int | None = None  # HTTP status for that error
