@@ -47,3 +47,9 @@ class Overloaded(BdloraError):
     http_status = 503
     code = "overloaded"
     retry_after_s = 1
+
+
+class AdapterNameInvalid(InvalidRequest):
+    """An adapter name that can never exist: not `^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`, or has `..`."""
+
+    code = "invalid_adapter_name"
