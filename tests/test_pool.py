@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +208,20 @@ def test_200_adapters_cycle_through_a_pool_of_about_20():
     assert 12 <= u.adapters <= 40 and u.evictions >= 350 and u.loads == u.evictions + u.adapters
     assert u.pinned_adapters == len(set(pinned)) and u.free_pages + u.adapter_pages == u.total_pages
     assert long_pinned_survived >= 100  # pinned adapters really were eviction candidates by age
+
+
+def test_packing_bench_runs_and_counts_consistently(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("packing", Path(__file__).parents[1] / "bench" / "packing.py")
+    packing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(packing)
+    out = tmp_path / "packing.json"
+    res = packing.main(["--model", "tiny", "--tp", "2", "--gib", "0.02", "--json", str(out)])
+    assert json.loads(out.read_text()) == res
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"ratio unified/fixed: {res['ratio']:.2f}x"
+    assert res["fixed_adapters"] == res["budget_bytes"] // res["fixed_slot_bytes"]
+    assert res["unified_used_bytes"] <= res["budget_bytes"]
+    for row in res["per_rank"]:
+        assert row["exact_bytes"] <= row["paged_bytes"] < row["exact_bytes"] + res["page_bytes"]
+    assert res["per_rank"][-1]["exact_bytes"] == res["fixed_slot_bytes"]  # rank 64 == max rank
+    # Ranks 8..64 average 30, slots hold 64: paging fits about twice as many.
+    assert 1.8 < res["ratio"] < 2.5
