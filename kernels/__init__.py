@@ -1,0 +1,109 @@
+"""Paged BD-LoRA kernels: the entry points the model calls.
+
+`lora_shrink` / `lora_expand` take the arguments of the references in
+`kernels.lora_ref` (see there for the paged layout and semantics) and run
+one of two backends:
+
+- "torch": the pure-torch reference (the CPU serving path);
+- "triton": the Triton kernels in `lora_shrink.py` / `lora_expand.py`
+  (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 in tests).
+
+The backend is, first to last: the call's `backend` keyword, `set_backend`,
+the env var BDLORA_KERNEL_BACKEND, "auto"; "auto" picks triton for CUDA
+tensors and torch otherwise. The Triton modules are imported on first use
+only, so importing `kernels` defines no kernel (TRITON_INTERPRET must be set
+before one is defined) and costs no Triton import on the CPU path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import types
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
+
+if TYPE_CHECKING:
+    from kernels.lora_shrink import Segments
+
+BACKENDS = ("auto", "torch", "triton")
+ENV_VAR = "BDLORA_KERNEL_BACKEND"
+_backend: str | None = None  # set_backend's choice; None: the env var decides
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; known: {BACKENDS}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Select the backend for calls that name none; None returns the choice to the env var."""
+    global _backend
+    _backend = None if name is None else _check(name)
+
+
+def get_backend() -> str:
+    """The selected backend ("auto", "torch" or "triton"), before resolving "auto"."""
+    return _backend if _backend is not None else _check(os.environ.get(ENV_VAR, "auto"))
+
+
+def resolve_backend(backend: str | None, t: Tensor) -> str:
+    """The concrete backend ("torch" or "triton") a call on tensor t runs."""
+    name = _check(backend) if backend is not None else get_backend()
+    if name == "auto":
+        return "triton" if t.is_cuda else "torch"
+    return name
+
+
+def lora_segments(idx: Tensor, block_m: int = 16, num_slots: int | None = None) -> Segments:
+    """Rows of a batch grouped by slot for the Triton kernels' prefill launch;
+    compute once per batch, pass as `segments=` to every shrink/expand of it."""
+    return importlib.import_module("kernels.lora_shrink").lora_segments(idx, block_m, num_slots)
+
+
+def lora_shrink(
+    x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, a_offset: Tensor, rank: Tensor,
+    max_rank: int, *, backend: str | None = None, segments: Segments | None = None,
+) -> Tensor:
+    """h (T, n_slices, R) float32: h[t, s, :rank[a, s]] = x[t] @ A_s.T, a = idx[t];
+    zero elsewhere. See `lora_shrink_ref`. `segments` only matters to triton."""
+    if resolve_backend(backend, x) == "torch":
+        return lora_shrink_ref(x, pool, page_table, idx, a_offset, rank, max_rank)
+    impl = importlib.import_module("kernels.lora_shrink").lora_shrink
+    return impl(x, pool, page_table, idx, a_offset, rank, max_rank, segments=segments)
+
+
+def lora_expand(
+    h: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, b_offset: Tensor, rank: Tensor,
+    out_start: Tensor, out_len: Tensor, scale: Tensor, y: Tensor,
+    *, backend: str | None = None, segments: Segments | None = None,
+) -> Tensor:
+    """In place, returns y: y[t, o:o + n] += scale[a] * h[t, s, :r] @ B_s.T for
+    a = idx[t] >= 0 and slices with r = rank[a, s] > 0. See `lora_expand_ref`."""
+    if resolve_backend(backend, y) == "torch":
+        return lora_expand_ref(h, pool, page_table, idx, b_offset, rank, out_start, out_len, scale, y)
+    impl = importlib.import_module("kernels.lora_expand").lora_expand
+    return impl(h, pool, page_table, idx, b_offset, rank, out_start, out_len, scale, y, segments=segments)
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule `kernels.lora_shrink` makes Python set the package
+    attribute `lora_shrink` to that module, hiding the dispatch function of the
+    same name; keep the functions. (So use `from kernels.lora_shrink import ...`
+    to reach the Triton modules; `import kernels.lora_shrink as m` gives the function.)"""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in ("lora_shrink", "lora_expand") and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+__all__ = ["BACKENDS", "get_backend", "lora_expand", "lora_segments", "lora_shrink",
+           "resolve_backend", "set_backend"]
