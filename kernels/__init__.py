@@ -5,7 +5,7 @@
 one of two backends:
 
 - "torch": the pure-torch reference (the CPU serving path);
-- "triton": the Triton kernels in `lora_shrink.py` / `lora_expand.py`
+- "triton": the Triton kernels in `lora_shrink_op.py` / `lora_expand_op.py`
   (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 in tests).
 
 The backend is, first to last: the call's `backend` keyword, `set_backend`,
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
-import types
 from typing import TYPE_CHECKING
 
 from torch import Tensor
@@ -28,7 +26,7 @@ from torch import Tensor
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 
 if TYPE_CHECKING:
-    from kernels.lora_shrink import Segments
+    from kernels.lora_shrink_op import Segments
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "BDLORA_KERNEL_BACKEND"
@@ -63,7 +61,7 @@ def resolve_backend(backend: str | None, t: Tensor) -> str:
 def lora_segments(idx: Tensor, block_m: int = 16, num_slots: int | None = None) -> Segments:
     """Rows of a batch grouped by slot for the Triton kernels' prefill launch;
     compute once per batch, pass as `segments=` to every shrink/expand of it."""
-    return importlib.import_module("kernels.lora_shrink").lora_segments(idx, block_m, num_slots)
+    return importlib.import_module("kernels.lora_shrink_op").lora_segments(idx, block_m, num_slots)
 
 
 def lora_shrink(
@@ -74,7 +72,7 @@ def lora_shrink(
     zero elsewhere. See `lora_shrink_ref`. `segments` only matters to triton."""
     if resolve_backend(backend, x) == "torch":
         return lora_shrink_ref(x, pool, page_table, idx, a_offset, rank, max_rank)
-    impl = importlib.import_module("kernels.lora_shrink").lora_shrink
+    impl = importlib.import_module("kernels.lora_shrink_op").lora_shrink
     return impl(x, pool, page_table, idx, a_offset, rank, max_rank, segments=segments)
 
 
@@ -87,23 +85,9 @@ def lora_expand(
     a = idx[t] >= 0 and slices with r = rank[a, s] > 0. See `lora_expand_ref`."""
     if resolve_backend(backend, y) == "torch":
         return lora_expand_ref(h, pool, page_table, idx, b_offset, rank, out_start, out_len, scale, y)
-    impl = importlib.import_module("kernels.lora_expand").lora_expand
+    impl = importlib.import_module("kernels.lora_expand_op").lora_expand
     return impl(h, pool, page_table, idx, b_offset, rank, out_start, out_len, scale, y, segments=segments)
 
-
-class _Package(types.ModuleType):
-    """Importing the submodule `kernels.lora_shrink` makes Python set the package
-    attribute `lora_shrink` to that module, hiding the dispatch function of the
-    same name; keep the functions. (So use `from kernels.lora_shrink import ...`
-    to reach the Triton modules; `import kernels.lora_shrink as m` gives the function.)"""
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if name in ("lora_shrink", "lora_expand") and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 __all__ = ["BACKENDS", "get_backend", "lora_expand", "lora_segments", "lora_shrink",
            "resolve_backend", "set_backend"]

@@ -1,7 +1,7 @@
 """Pure-torch references for the paged BD-LoRA kernels.
 
-These define the semantics that the Triton kernels in `lora_shrink.py` and
-`lora_expand.py` must reproduce, and they are the CPU serving path.
+These define the semantics that the Triton kernels in `lora_shrink_op.py` and
+`lora_expand_op.py` must reproduce, and they are the CPU serving path.
 
 Paged layout (shared with `bdlora_ray.memory` and `bdlora_ray.lora.layout`):
 one layer of the unified pool is a tensor `pool` of shape (num_pages, P),

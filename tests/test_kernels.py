@@ -134,7 +134,7 @@ def tol(dtype: torch.dtype) -> dict:
 def tile_config(name: str, device: str):
     """Launch shapes to cover: the default, one program per row (split or not), sorted tiles.
     Under the interpreter blocks are small so that every mask matters; tl.dot on GPUs needs >= 16."""
-    from kernels.lora_shrink import TileConfig
+    from kernels.lora_shrink_op import TileConfig
 
     small = device == "cpu"
     return {
@@ -173,7 +173,7 @@ def test_reference_matches_dense_math(dtype):
 @pytest.mark.parametrize("batch", list(BATCHES))
 @pytest.mark.parametrize("config", ["default", "rows", "rows_split_k", "sorted"])
 def test_shrink_matches_reference(device, dtype, batch, config):
-    from kernels.lora_shrink import lora_shrink
+    from kernels.lora_shrink_op import lora_shrink
 
     c = make_case(BATCHES[batch], dtype=dtype, device=device, seed=1)
     h = lora_shrink(c.x, *c.paged(), c.a_offset, c.rank, MAX_RANK, config=tile_config(config, device))
@@ -194,7 +194,7 @@ def test_shrink_matches_reference(device, dtype, batch, config):
 @pytest.mark.parametrize("batch", list(BATCHES))
 @pytest.mark.parametrize("config", ["default", "rows", "sorted"])
 def test_expand_matches_reference(device, dtype, batch, config):
-    from kernels.lora_expand import lora_expand
+    from kernels.lora_expand_op import lora_expand
 
     c = make_case(BATCHES[batch], dtype=dtype, device=device, seed=2)
     g = torch.Generator().manual_seed(3)
@@ -225,7 +225,7 @@ def test_dispatch_with_shared_segments_matches_dense(device):
 
 
 def test_segments_tile_every_row_once_by_slot():
-    from kernels.lora_shrink import lora_segments
+    from kernels.lora_shrink_op import lora_segments
 
     idx = torch.tensor([2, 0, 2, -1, 4, 0, 2, 1, -1, 0, 2, 4, 2, 2], dtype=torch.int32)
     seg = lora_segments(idx, block_m=2, num_slots=5)
@@ -279,7 +279,7 @@ def test_forced_triton_equals_torch_backend():
         outs[backend] = (h, y)
     for got, want in zip(outs["triton"], outs["torch"]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert callable(kernels.lora_shrink) and callable(kernels.lora_expand)  # not shadowed by the submodules
+    assert callable(kernels.lora_shrink) and callable(kernels.lora_expand)
 
 
 def test_import_is_lazy():
@@ -290,8 +290,8 @@ def test_import_is_lazy():
 
 
 def test_bad_arguments_raise():
-    from kernels.lora_expand import lora_expand
-    from kernels.lora_shrink import TileConfig, lora_shrink
+    from kernels.lora_expand_op import lora_expand
+    from kernels.lora_shrink_op import TileConfig, lora_shrink
 
     c = make_case(BATCHES["decode"], seed=7)
     with pytest.raises(TypeError, match="dtype"):

@@ -1,7 +1,7 @@
 """Triton LoRA expand over the paged pool: y[:, cols of slice s] += scale * h_s @ B_s.T.
 
 Semantics are `kernels.lora_ref.lora_expand_ref`'s exactly. Launch shapes,
-batch layout and paged reads are shared with the shrink (`lora_shrink.py`):
+batch layout and paged reads are shared with the shrink (`lora_shrink_op.py`):
 one program per token row (decode) or per tile of rows of one slot
 (prefill), times slice, times tile of output columns. Rows with no slot,
 slices of rank 0 and columns past out_len are never loaded or stored, so y
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.lora_shrink import (Segments, TileConfig, check_lora_args, is_interpreted, launch_rows, load_paged,
+from kernels.lora_shrink_op import (Segments, TileConfig, check_lora_args, is_interpreted, launch_rows, load_paged,
                                  mma, mma_kind, program_rows, resolve_segments, sorted_block_m)
 
 
@@ -79,7 +79,7 @@ def _expand_kernel(
 def expand_config(T: int, d_out: int, max_rank: int, device: torch.device,
                   segments: Segments | None = None) -> TileConfig:
     """Default tiling. Interpreter: few, large programs. GPU: sorted tiles above
-    ROWS_MAX_T rows (lora_shrink.py) or when segments are given; the whole rank in one step."""
+    ROWS_MAX_T rows (lora_shrink_op.py) or when segments are given; the whole rank in one step."""
     r_block = triton.next_power_of_2(max_rank)
     block_m = sorted_block_m(T, segments)
     if is_interpreted(device):
