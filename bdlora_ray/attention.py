@@ -2,7 +2,7 @@
 
 `AttentionMeta` says how the T rows split into sequences. Without a KV
 cache each sequence attends causally to its own rows; with one
-(`kv_pool` set), each layer first writes the rows' K and V into the
+(`kv_cache` set), each layer first writes the rows' K and V into the
 sequence's pages and then attends over the whole cached context.
 """
 
@@ -20,21 +20,20 @@ class AttentionMeta:
     seq_lens: list[int]                      # new rows of each sequence, in row order
     context_lens: list[int] | None = None    # tokens already cached per sequence (paged mode)
     page_tables: list[Tensor] | None = None  # per sequence: its KV page ids, in order
-    kv_pool: Tensor | None = None            # (num_layers, num_pages, 2 * block * nkv * hd)
+    kv_cache: list[Tensor] | None = None     # per layer: (num_pages, 2, block_size, nkv, hd) views
     block_size: int = 16                     # tokens per KV page
     extra: dict = field(default_factory=dict)
 
     @property
     def paged(self) -> bool:
-        return self.kv_pool is not None
+        return self.kv_cache is not None
 
 
 def _write_kv(meta: AttentionMeta, layer: int, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Store a sequence's new K, V (n, nkv, hd) and return its whole context's K, V."""
     start, n = meta.context_lens[i], k.shape[0]
     pages = meta.page_tables[i].to(k.device, torch.long)
-    nkv, hd = k.shape[1:]
-    kv = meta.kv_pool[layer].view(-1, 2, meta.block_size, nkv, hd)  # (pages, 2, block, nkv, hd)
+    kv = meta.kv_cache[layer]  # (pages, 2, block, nkv, hd)
     pos = torch.arange(start, start + n, device=k.device)
     page, slot = pages[pos // meta.block_size], pos % meta.block_size
     kv[page, 0, slot] = k.to(kv.dtype)

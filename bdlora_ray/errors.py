@@ -53,3 +53,11 @@ class AdapterNameInvalid(InvalidRequest):
     """An adapter name that can never exist: not `^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`, or has `..`."""
 
     code = "invalid_adapter_name"
+
+
+def error_from_name(name: str | None, message: str) -> BdloraError:
+    """Rebuild a typed error from its class name (errors cross threads and actors as data)."""
+    cls = globals().get(name or "")
+    if isinstance(cls, type) and issubclass(cls, BdloraError):
+        return cls(message)
+    return BdloraError(message)

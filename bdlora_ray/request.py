@@ -53,3 +53,4 @@ class RequestOutput:
     completion_tokens: int = 0      # total so far
     error: str | None = None        # message when finish_reason == "error"
     error_status: int | None = None  # HTTP status for that error
+    error_type: str | None = None   # class name of the typed error (bdlora_ray.errors)

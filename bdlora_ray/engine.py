@@ -1,0 +1,325 @@
+"""The engine loop of a replica group, on TP rank 0: continuous batching of
+requests for many adapters over one unified page pool.
+
+Thread model: `submit`, `abort`, `load_adapter` may be called from any thread;
+they queue work for the loop thread, which alone touches the scheduler, the
+pool and the step channel. Outputs go to each request's `sink` callback from
+the loop thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from bdlora_ray.errors import BdloraError, InvalidRequest, Overloaded, PoolExhausted
+from bdlora_ray.request import GenerationRequest, RequestOutput
+from bdlora_ray.sampling import make_generator, sample
+from bdlora_ray.scheduler import PoolLog, Scheduler, Sequence, Status
+from bdlora_ray.worker import TPWorker
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[RequestOutput], None]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64               # sequences in one batch at most
+    max_num_batched_tokens: int = 2048   # rows of one forward pass (prefill budget)
+    max_model_len: int = 1024            # prompt + output tokens of one sequence
+    num_pages: int = 1024                # pages per layer of the unified pool
+    block_size: int = 16                 # tokens per KV page
+    max_queue_len: int = 1024            # waiting requests; past it new ones get 503
+    max_queue_wait_s: float = 120.0      # a request waiting longer fails with 503
+    max_lora_rank: int = 64              # largest adapter rank served
+    dtype: str = "float32"               # model and pool element type
+    heartbeat_s: float = 5.0             # idle message to the other ranks, keeps their wait short
+
+
+class Engine:
+    def __init__(self, worker: TPWorker, tokenizer: Any, config: EngineConfig,
+                 fetch: Callable[[str], Future] | None = None) -> None:
+        self.worker, self.tokenizer, self.config = worker, tokenizer, config
+        self.pool = worker.pool
+        self.log = PoolLog(self.pool, worker.apply)
+        self.scheduler = Scheduler(self.log, config.max_num_seqs, config.max_num_batched_tokens, self._ready)
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch")
+        # How a cold adapter reaches every rank's host memory; by default only this rank
+        # fetches ahead, and the others fetch when the load op reaches them.
+        self._fetch = fetch or (lambda name: self._executor.submit(worker.fetch_adapter, name))
+        self._fetching: dict[str, Future] = {}
+        self._prefetched: set[str] = set()      # shards on every rank's host, not yet in the pool
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._seqs: dict[str, Sequence] = {}    # request id -> live sequence
+        self._sinks: dict[str, Sink] = {}
+        self._ids = itertools.count()
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids = set(worker.cfg.eos_token_id) | ({eos} if eos is not None else set())
+        self.steps = 0
+        self.counters: Counter[str] = Counter()
+        self.per_adapter: Counter[str] = Counter()
+        self.dead: BaseException | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._last_send = time.monotonic()
+
+    # ---- API (any thread) -------------------------------------------------------
+
+    def submit(self, req: GenerationRequest, sink: Sink) -> None:
+        """Queue a request; raises typed errors for what can be refused at once."""
+        if self.dead is not None:
+            raise BdloraError(f"engine stopped: {self.dead}")
+        req.params.validate()
+        n = len(req.prompt_ids)
+        limit = self.config.max_model_len
+        if n == 0:
+            raise InvalidRequest("the prompt is empty")
+        if n + req.params.max_tokens > limit:
+            raise InvalidRequest(f"prompt ({n} tokens) + max_tokens ({req.params.max_tokens}) exceeds the "
+                                 f"context length {limit}")
+        vocab = self.worker.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt_ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        if len(self.scheduler.waiting) + self._inbox.qsize() >= self.config.max_queue_len:
+            self.counters["rejected_overload"] += 1
+            raise Overloaded(f"queue full ({self.config.max_queue_len} waiting)")
+        self._inbox.put(("submit", req, sink))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def prefetch(self, name: str) -> Future:
+        """Fetch an adapter's shards to every rank's host memory (no pool pages yet)."""
+        fut: Future = Future()
+        self._inbox.put(("prefetch", name, fut))
+        self._wake.set()
+        return fut
+
+    def unload(self, name: str) -> Future:
+        """Evict an idle adapter from the pool; resolves to whether it was resident."""
+        fut: Future = Future()
+        self._inbox.put(("unload", name, fut))
+        self._wake.set()
+        return fut
+
+    def stats(self) -> dict:
+        u = self.pool.usage().to_dict()
+        return {"pool": u, "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                "steps": self.steps, "resident_adapters": self.pool.adapters_lru(),
+                "counters": dict(self.counters), "requests_per_adapter": dict(self.per_adapter)}
+
+    # ---- loop ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run_forever, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def run_forever(self) -> None:
+        try:
+            while not self._stop:
+                if not self.step():
+                    if time.monotonic() - self._last_send > self.config.heartbeat_s:
+                        self._send([])
+                    self._wake.wait(timeout=min(0.05 if self._fetching else 1.0, self.config.heartbeat_s))
+                    self._wake.clear()
+        except BaseException as e:  # the ranks may now disagree: fail everything, refuse new work
+            log.exception("engine loop died")
+            self.dead = e
+            for rid in list(self._seqs):
+                self._fail(self._seqs[rid], e)
+        finally:
+            try:
+                self.worker.channel.send({"stop": True})
+            except Exception:  # other ranks may be gone already
+                log.debug("could not tell the other ranks to stop", exc_info=True)
+
+    def step(self) -> bool:
+        """Drain the inbox, run at most one forward pass; True if anything happened."""
+        busy = self._drain()
+        busy |= self._poll_fetches()
+        self._expire_waiting()
+        sched = self.scheduler.schedule()
+        self._prefetched -= {n for n in self._prefetched if n in self.pool}
+        if not sched.seqs:
+            self._fail_unschedulable()
+            if self.log.ops:
+                self._send([])
+                return True
+            return busy
+        msg = [[s.seq_id, s.adapter, start, s.tokens[start:]] for s, start in zip(sched.seqs, sched.starts)]
+        self._send(msg)
+        logits = self.worker.execute(msg)
+        self.steps += 1
+        tokens = sample(logits, [s.req.params for s in sched.seqs], [s.generator for s in sched.seqs])
+        for seq, tok in zip(sched.seqs, tokens):
+            seq.num_computed = len(seq.tokens)
+            seq.tokens.append(tok)
+            self._emit(seq, tok)
+        self.counters["preemptions"] += len(sched.preempted)
+        return True
+
+    def _send(self, seqs: list) -> None:
+        self.worker.channel.send({"ops": self.log.take(), "seqs": seqs})
+        self._last_send = time.monotonic()
+
+    def _drain(self) -> bool:
+        busy = False
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return busy
+            busy = True
+            kind = item[0]
+            if kind == "submit":
+                self._add(item[1], item[2])
+            elif kind == "abort":
+                seq = self._seqs.get(item[1])
+                if seq is not None:
+                    self._finish(seq, "abort")
+            elif kind == "prefetch":
+                self._want(item[1], item[2])
+            elif kind == "unload":
+                self._unload(item[1], item[2])
+
+    def _add(self, req: GenerationRequest, sink: Sink) -> None:
+        if req.request_id in self._seqs:
+            sink(self._error_output(req, InvalidRequest(f"duplicate request id {req.request_id!r}")))
+            return
+        seq = Sequence(req=req, seq_id=next(self._ids), arrival=time.monotonic(), tokens=list(req.prompt_ids),
+                       num_prompt=len(req.prompt_ids), generator=make_generator(req.params))
+        self._seqs[req.request_id] = seq
+        self._sinks[req.request_id] = sink
+        self.per_adapter[req.adapter or ""] += 1
+        self.scheduler.add(seq)
+        if req.adapter is not None:
+            self._want(req.adapter)
+
+    # ---- adapters -----------------------------------------------------------------
+
+    def _ready(self, name: str) -> bool:
+        return name in self.pool or name in self._prefetched
+
+    def _want(self, name: str, done: Future | None = None) -> None:
+        if self._ready(name):
+            if done is not None:
+                done.set_result(name)
+            return
+        fut = self._fetching.get(name)
+        if fut is None:
+            fut = self._fetching[name] = self._fetch(name)
+            self.counters["adapter_fetches"] += 1
+        if done is not None:
+            fut.add_done_callback(lambda f: done.set_exception(f.exception()) if f.exception()
+                                  else done.set_result(name))
+        fut.add_done_callback(lambda _: self._wake.set())
+
+    def _unload(self, name: str, done: Future) -> None:
+        self._prefetched.discard(name)
+        if name not in self.pool:
+            done.set_result(False)
+        elif self.pool.adapter(name).refcount:
+            done.set_exception(InvalidRequest(f"adapter {name!r} is in use by running requests"))
+        else:
+            self.log("evict_adapter", name)
+            done.set_result(True)
+
+    def _poll_fetches(self) -> bool:
+        busy = False
+        for name, fut in list(self._fetching.items()):
+            if not fut.done():
+                continue
+            busy = True
+            del self._fetching[name]
+            err = fut.exception()
+            if err is None:
+                self._prefetched.add(name)
+                continue
+            self.counters["adapter_fetch_errors"] += 1
+            for seq in [s for s in self.scheduler.waiting if s.adapter == name]:
+                self._fail(seq, err)
+        for seq in self.scheduler.waiting:  # evicted while its request waited: fetch again
+            if seq.adapter is not None and not self._ready(seq.adapter) and seq.adapter not in self._fetching:
+                self._want(seq.adapter)
+        return busy
+
+    # ---- outputs ------------------------------------------------------------------
+
+    def _emit(self, seq: Sequence, tok: int) -> None:
+        p = seq.req.params
+        reason = None
+        out_ids = seq.output_ids
+        if tok in self.eos_ids and not p.ignore_eos:
+            reason, out_ids = "stop", out_ids[:-1]
+        text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+        for s in p.stop:
+            i = text.find(s, max(0, len(seq.text) - len(s)))
+            if i >= 0:
+                text, reason = text[:i], "stop"
+        if reason is None and (len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.config.max_model_len):
+            reason = "length"
+        if reason is None and text.endswith("\ufffd"):
+            text = seq.text  # an incomplete UTF-8 sequence: hold it back until it completes
+        delta, seq.text = text[len(seq.text):], text
+        self.counters["generated_tokens"] += 1
+        self._sinks[seq.req.request_id](RequestOutput(
+            request_id=seq.req.request_id, token_ids=(tok,), text=delta, finished=reason is not None,
+            finish_reason=reason, prompt_tokens=seq.num_prompt, completion_tokens=len(seq.output_ids)))
+        if reason is not None:
+            self._finish(seq, reason, emit=False)
+
+    def _finish(self, seq: Sequence, reason: str, emit: bool = True, err: BaseException | None = None) -> None:
+        self.scheduler.release(seq)
+        rid = seq.req.request_id
+        self._seqs.pop(rid, None)
+        sink = self._sinks.pop(rid, None)
+        self.counters[f"finished_{reason}"] += 1
+        if emit and sink is not None:
+            sink(self._error_output(seq.req, err, len(seq.output_ids)) if err is not None else RequestOutput(
+                request_id=rid, token_ids=(), text="", finished=True, finish_reason=reason,
+                prompt_tokens=seq.num_prompt, completion_tokens=len(seq.output_ids)))
+
+    def _fail(self, seq: Sequence, err: BaseException) -> None:
+        self._finish(seq, "error", err=err)
+
+    @staticmethod
+    def _error_output(req: GenerationRequest, err: BaseException, completion_tokens: int = 0) -> RequestOutput:
+        status = err.http_status if isinstance(err, BdloraError) else 500
+        return RequestOutput(request_id=req.request_id, token_ids=(), text="", finished=True,
+                             finish_reason="error", prompt_tokens=len(req.prompt_ids),
+                             completion_tokens=completion_tokens, error=str(err) or type(err).__name__,
+                             error_status=status, error_type=type(err).__name__)
+
+    def _expire_waiting(self) -> None:
+        now = time.monotonic()
+        for seq in [s for s in self.scheduler.waiting if now - s.arrival > self.config.max_queue_wait_s]:
+            self.counters["expired_in_queue"] += 1
+            self._fail(seq, Overloaded(f"waited over {self.config.max_queue_wait_s:.0f} s in the queue"))
+
+    def _fail_unschedulable(self) -> None:
+        """Nothing runs, yet the head of the queue cannot be admitted: it never will be."""
+        if self.scheduler.running:
+            return
+        for seq in self.scheduler.waiting:
+            if seq.adapter is None or self._ready(seq.adapter):
+                self._fail(seq, PoolExhausted(
+                    f"request needs more pages than the pool has ({self.pool.config.num_pages} per layer)"))
+                return

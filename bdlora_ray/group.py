@@ -1,0 +1,336 @@
+"""A replica group on Ray: N TP worker actors in one placement group.
+
+Rank 0's actor runs the engine loop; ranks > 0 follow its steps over
+torch.distributed (no Ray call per step). Ray is used only to place the
+actors, to stream each request's tokens back (one streaming call per
+request), and to move adapter shards from the adapter store (one call per
+rank per adapter load).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from bdlora_ray.config import LlamaConfig
+from bdlora_ray.engine import Engine, EngineConfig
+from bdlora_ray.errors import BdloraError, error_from_name
+from bdlora_ray.memory import PoolConfig
+from bdlora_ray.request import GenerationRequest, RequestOutput
+from bdlora_ray.store.actor import AdapterStoreActor, StoreConfig
+from bdlora_ray.store.manifest import check_name
+from bdlora_ray.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+STORE_NAMESPACE = "bdlora"
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    model_path: str                      # local dir: HF config.json, safetensors, tokenizer files
+    adapters_uri: str                    # s3://bucket/prefix where adapters live
+    tp: int = 2                          # TP degree = worker actors = placement-group bundles
+    model_name: str = ""                 # served name of the base model ("" -> directory name)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    use_gpu: bool = False                # one GPU per worker (NCCL), else fractional CPUs (gloo)
+    worker_cpus: float = 0.5             # CPUs per worker bundle when use_gpu is False
+    store_cache_bytes: int = 2 << 30     # host cache of the adapter store
+    store_name: str = ""                 # share one named store actor between groups ("" -> per model)
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or Path(self.model_path).name
+
+    def model_config(self) -> LlamaConfig:
+        return LlamaConfig.from_json(self.model_path, name=self.served_name)
+
+
+def unwrap(e: BaseException) -> BaseException:
+    """The typed error behind a Ray task error, when there is one."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class StoreShardSource:
+    """A worker's view of the adapter-store actor: only its own rank's shard."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def get_shard(self, name: str, tp_rank: int):
+        try:
+            blob = ray.get(self.store.get_shard.remote(name, tp_rank))
+        except ray.exceptions.RayTaskError as e:
+            raise unwrap(e) from None
+        return blob.meta, blob.tensors()
+
+
+class TPWorkerActor:
+    """One TP rank in an actor. Every public method counts its calls (`call_counts`)."""
+
+    def __init__(self, rank: int, config: GroupConfig) -> None:
+        self.rank, self.config = rank, config
+        self.calls: Counter[str] = Counter()
+        self.worker = None
+        self.engine: Engine | None = None
+        self._executor = ThreadPoolExecutor(max_workers=4)
+
+    def _count(self, method: str) -> None:
+        self.calls[method] += 1
+
+    async def call_counts(self) -> dict[str, int]:
+        self._count("call_counts")
+        return dict(self.calls)
+
+    async def rendezvous(self) -> str:
+        self._count("rendezvous")
+        return f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+
+    async def setup(self, init_method: str, store: Any) -> None:
+        self._count("setup")
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._setup, init_method, store)
+
+    def _setup(self, init_method: str, store: Any) -> None:
+        import torch.distributed as dist
+
+        from bdlora_ray.comm import init_distributed
+        from bdlora_ray.worker import StepChannel, TPWorker
+
+        c = self.config
+        torch.set_num_threads(max(1, int(c.worker_cpus)) if not c.use_gpu else 4)
+        comm = init_distributed(self.rank, c.tp, init_method)
+        # Step messages travel on a CPU group of their own; idle ranks wait in it between steps.
+        cpu_group = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+        cfg = c.model_config()
+        dtype = getattr(torch, c.engine.dtype)
+        device = "cuda" if c.use_gpu else "cpu"
+        pool = PoolConfig.for_model(cfg, c.tp, c.engine.num_pages, c.engine.block_size, dtype, device)
+        self.worker = TPWorker(cfg, c.model_path, comm, pool, StoreShardSource(store),
+                               StepChannel(c.tp, cpu_group), device, dtype)
+
+    async def serve_forever(self) -> None:
+        """Ranks > 0: follow rank 0 until it stops (one long call for the group's life)."""
+        self._count("serve_forever")
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.worker.serve_forever)
+
+    async def pool_usage(self) -> dict:
+        self._count("pool_usage")
+        return self.worker.pool.usage().to_dict()
+
+    async def fetch_adapter(self, name: str) -> int:
+        self._count("fetch_adapter")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.worker.fetch_adapter, name)
+
+    # ---- rank 0 -------------------------------------------------------------------
+
+    async def start_engine(self, peers: list) -> None:
+        self._count("start_engine")
+
+        def fetch_everywhere(name: str) -> int:
+            refs = [p.fetch_adapter.remote(name) for p in peers]  # the other ranks, concurrently
+            n = self.worker.fetch_adapter(name)
+            try:
+                return n + sum(ray.get(refs))
+            except ray.exceptions.RayTaskError as e:
+                raise unwrap(e) from None
+
+        fetch = (lambda name: self._executor.submit(fetch_everywhere, name)) if peers else None
+        tokenizer = load_tokenizer(self.config.model_path)
+        self.engine = Engine(self.worker, tokenizer, self.config.engine, fetch)
+        self.engine.start()
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Streams the request's outputs; typed errors are raised before the first one."""
+        self._count("generate")
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.engine.submit(req, lambda out: loop.call_soon_threadsafe(q.put_nowait, out))
+        finished = False
+        try:
+            while not finished:
+                out = await q.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:  # the caller went away: free the pages now
+                self.engine.abort(req.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._count("abort")
+        self.engine.abort(request_id)
+
+    async def load_adapter(self, name: str) -> None:
+        self._count("load_adapter")
+        await asyncio.wrap_future(self.engine.prefetch(name))
+
+    async def unload_adapter(self, name: str) -> bool:
+        self._count("unload_adapter")
+        return await asyncio.wrap_future(self.engine.unload(name))
+
+    async def stats(self) -> dict:
+        self._count("stats")
+        return {**self.engine.stats(), "channel_messages": self.worker.channel.sent,
+                "worker_steps": self.worker.steps, "dead": repr(self.engine.dead) if self.engine.dead else None}
+
+    async def stop(self) -> None:
+        self._count("stop")
+        if self.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+
+
+class EngineGroup:
+    """Creates and drives one replica group (see the module docstring)."""
+
+    def __init__(self, config: GroupConfig, placement_group: PlacementGroup | None = None) -> None:
+        self.config = config
+        self.model_name = config.served_name
+        self.max_model_len = config.engine.max_model_len
+        self.tokenizer = load_tokenizer(config.model_path)
+        cfg = config.model_config()
+        cfg.check_tp(config.tp)
+        store_config = StoreConfig(uri=config.adapters_uri, model=cfg, tp=config.tp,
+                                   max_rank=config.engine.max_lora_rank, cache_bytes=config.store_cache_bytes,
+                                   check_base_name=False)
+        store_name = config.store_name or f"adapter-store-{cfg.name}-tp{config.tp}"
+        self.store = AdapterStoreActor.options(name=store_name, namespace=STORE_NAMESPACE, get_if_exists=True,
+                                               lifetime="detached",
+                                               runtime_env={"env_vars": _worker_env()}).remote(store_config)
+        pg = placement_group or get_current_placement_group()
+        offset = 1 if pg is not None and placement_group is None else 0  # bundle 0 is the Serve replica's
+        self._own_pg = None
+        if pg is None:
+            self._own_pg = pg = ray_placement_group(config)
+            offset = 0
+        res = {"num_gpus": 1, "num_cpus": 0} if config.use_gpu else {"num_cpus": config.worker_cpus}
+        actor = ray.remote(TPWorkerActor)
+        self.workers = [
+            actor.options(**res, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=offset + i, placement_group_capture_child_tasks=False),
+                runtime_env={"env_vars": _worker_env()}).remote(i, config)
+            for i in range(config.tp)]
+        init = ray.get(self.workers[0].rendezvous.remote())
+        ray.get([w.setup.remote(init, self.store) for w in self.workers])
+        self._followers = [w.serve_forever.remote() for w in self.workers[1:]]
+        ray.get(self.workers[0].start_engine.remote(self.workers[1:]))
+        self._resident: set[str] = set()
+        log.info("replica group up: %s, TP=%d", self.model_name, config.tp)
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        if req.adapter is not None:
+            check_name(req.adapter)
+        gen = self.workers[0].generate.options(num_returns="streaming").remote(req)
+        done = started = False
+        try:
+            async for ref in gen:
+                try:
+                    out = await ref
+                except ray.exceptions.RayTaskError as e:
+                    raise unwrap(e) from None
+                done = out.finished
+                if done and out.finish_reason == "error" and not started:
+                    raise error_from_name(out.error_type, out.error or "request failed")
+                started = True
+                if done and req.adapter is not None and out.finish_reason != "error":
+                    self._resident.add(req.adapter)
+                yield out
+        finally:
+            if not done:
+                ray.cancel(gen)
+                await self.abort(req.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self.workers[0].abort.remote(request_id)
+
+    async def load_adapter(self, name: str) -> None:
+        check_name(name)
+        try:
+            await self.workers[0].load_adapter.remote(name)
+        except ray.exceptions.RayTaskError as e:
+            raise unwrap(e) from None
+        self._resident.add(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        check_name(name)
+        await self.workers[0].unload_adapter.remote(name)
+        self._resident.discard(name)
+
+    def resident_adapters(self) -> list[str]:
+        return sorted(self._resident)
+
+    async def list_adapters(self) -> list[dict]:
+        infos = await self.store.list_adapters.remote()
+        return [i.to_dict() for i in infos]
+
+    async def stats(self) -> dict:
+        s = await self.workers[0].stats.remote()
+        self._resident = set(s["resident_adapters"])
+        s["store"] = await self.store.stats.remote()
+        return s
+
+    async def worker_call_counts(self) -> list[dict[str, int]]:
+        return await asyncio.gather(*[w.call_counts.remote() for w in self.workers])
+
+    async def pool_usage(self) -> list[dict]:
+        """Every rank's pool usage (they replay rank 0's operations, so they agree)."""
+        return await asyncio.gather(*[w.pool_usage.remote() for w in self.workers])
+
+    async def check_health(self) -> None:
+        """Raises if a worker died or the engine loop stopped; never touches S3."""
+        ready, _ = ray.wait(self._followers, timeout=0)
+        if ready:
+            ray.get(ready)  # a follower ended: raise its error
+            raise RuntimeError("a TP worker stopped following rank 0")
+        s = await self.workers[0].stats.remote()
+        if s["dead"]:
+            raise RuntimeError(f"engine loop died: {s['dead']}")
+
+    def shutdown(self) -> None:
+        try:
+            ray.get(self.workers[0].stop.remote(), timeout=30)
+        except Exception:
+            log.warning("rank 0 did not stop cleanly", exc_info=True)
+        for w in self.workers:
+            ray.kill(w)
+        if self._own_pg is not None:
+            ray.util.remove_placement_group(self._own_pg)
+
+
+def bundles(config: GroupConfig) -> list[dict[str, float]]:
+    """One bundle per TP worker: a whole GPU each, or a CPU fraction here."""
+    return [{"GPU": 1, "CPU": 1} if config.use_gpu else {"CPU": config.worker_cpus}] * config.tp
+
+
+def ray_placement_group(config: GroupConfig) -> PlacementGroup:
+    pg = placement_group(bundles(config), strategy="STRICT_PACK")
+    ray.get(pg.ready(), timeout=300)
+    return pg
+
+
+def _worker_env() -> dict[str, str]:
+    """Settings the workers must share with the driver."""
+    keep = ("BDLORA_KERNEL_BACKEND", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SESSION_TOKEN")
+    return {k: os.environ[k] for k in keep if k in os.environ}
+
+
+__all__ = ["EngineGroup", "GroupConfig", "TPWorkerActor", "bundles"]

@@ -1,0 +1,144 @@
+"""One TP rank: its model shard, its unified page pool, its adapter shards.
+
+Rank 0 schedules (`bdlora_ray.engine`) and broadcasts each step as a small
+JSON message over a gloo group (`StepChannel`); the other ranks run
+`serve_forever`, replaying the message's pool operations and then the same
+forward pass. No Ray here: the replica group (`bdlora_ray.group`) puts these
+in actors; tests may also run them in plain processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from bdlora_ray.attention import AttentionMeta
+from bdlora_ray.comm import Comm
+from bdlora_ray.config import LlamaConfig
+from bdlora_ray.errors import AdapterNotFound
+from bdlora_ray.lora.batch import LoraBatch
+from bdlora_ray.lora.shard import AdapterMeta, load_peft_adapter, shard_adapter
+from bdlora_ray.memory import PagePool, PoolConfig
+from bdlora_ray.tp import TPModel
+
+log = logging.getLogger(__name__)
+
+
+class ShardSource(Protocol):
+    def get_shard(self, name: str, tp_rank: int) -> tuple[AdapterMeta, dict[str, Tensor]]:
+        """This rank's validated shard of adapter `name`; typed errors otherwise."""
+
+
+class LocalShardSource:
+    """Adapters from local PEFT directories, converted on demand."""
+
+    def __init__(self, adapters: dict[str, tuple[str, str | None]], cfg: LlamaConfig, tp: int) -> None:
+        self.adapters, self.cfg, self.tp = adapters, cfg, tp  # name -> (PEFT dir, mode or None)
+
+    def get_shard(self, name: str, tp_rank: int) -> tuple[AdapterMeta, dict[str, Tensor]]:
+        if name not in self.adapters:
+            raise AdapterNotFound(f"adapter {name!r} does not exist")
+        path, mode = self.adapters[name]
+        shards = shard_adapter(load_peft_adapter(path, name), self.cfg, self.tp, mode)
+        return shards.meta, shards.ranks[tp_rank]
+
+
+class StepChannel:
+    """Rank 0 -> all ranks: one JSON message per step, over a CPU (gloo) group."""
+
+    def __init__(self, world_size: int, group: dist.ProcessGroup | None = None) -> None:
+        self.world_size, self.group = world_size, group
+        self.sent = 0  # messages broadcast (tests compare it with steps)
+
+    def send(self, msg: dict) -> None:
+        if self.world_size == 1:
+            return
+        data = json.dumps(msg, separators=(",", ":")).encode()
+        dist.broadcast(torch.tensor([len(data)], dtype=torch.int64), 0, group=self.group)
+        dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, group=self.group)
+        self.sent += 1
+
+    def recv(self) -> dict:
+        n = torch.zeros(1, dtype=torch.int64)
+        dist.broadcast(n, 0, group=self.group)
+        buf = torch.empty(int(n), dtype=torch.uint8)
+        dist.broadcast(buf, 0, group=self.group)
+        return json.loads(buf.numpy().tobytes())
+
+
+class TPWorker:
+    def __init__(self, cfg: LlamaConfig, checkpoint: str, comm: Comm, pool_config: PoolConfig,
+                 source: ShardSource, channel: StepChannel, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.cfg, self.comm, self.source, self.channel = cfg, comm, source, channel
+        self.rank = comm.rank
+        self.model = TPModel(cfg, checkpoint, comm, device, dtype)
+        self.pool = PagePool(pool_config)
+        self.kv_views = [self.pool.kv_cache(layer) for layer in range(cfg.num_layers)]
+        self.host: dict[str, tuple[AdapterMeta, dict[str, Tensor]]] = {}  # fetched, not yet in the pool
+        self.steps = 0
+
+    # ---- adapters ----------------------------------------------------------
+
+    def fetch_adapter(self, name: str) -> int:
+        """Bring this rank's shard of `name` into host memory; returns its bytes."""
+        meta, tensors = self.source.get_shard(name, self.rank)
+        self.host[name] = (meta, tensors)
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def apply(self, op: str, args: tuple | list) -> Any:
+        """One pool operation, as rank 0 recorded it."""
+        if op == "load_adapter":
+            (name,) = args
+            if name not in self.host:  # not prefetched: fetch now (plain-process runs)
+                self.fetch_adapter(name)
+            meta, tensors = self.host[name]
+            slot = self.pool.load_adapter(name, tensors, meta)
+            del self.host[name]  # the pool holds it now
+            return slot
+        return getattr(self.pool, op)(*args)
+
+    # ---- steps -------------------------------------------------------------
+
+    def execute(self, seqs: list[list]) -> Tensor:
+        """Run one step. seqs: [seq_id, adapter or None, first position, token ids].
+
+        Returns the logits of each sequence's last row: (len(seqs), vocab).
+        """
+        ids = torch.tensor([t for s in seqs for t in s[3]], dtype=torch.long)
+        lens = [len(s[3]) for s in seqs]
+        positions = torch.cat([torch.arange(s[2], s[2] + len(s[3])) for s in seqs])
+        meta = AttentionMeta(
+            seq_lens=lens, context_lens=[s[2] for s in seqs], kv_cache=self.kv_views,
+            page_tables=[torch.tensor(self.pool.kv_page_table(s[0])) for s in seqs],
+            block_size=self.pool.config.block_size)
+        names = sorted({s[1] for s in seqs if s[1] is not None})
+        lora = None
+        if names:
+            slot_of = {n: i for i, n in enumerate(names)}
+            idx = torch.cat([torch.full((n,), slot_of[s[1]] if s[1] is not None else -1)
+                             for s, n in zip(seqs, lens)])
+            lora = LoraBatch.build([self.pool.adapter(n) for n in names], idx, self.pool.data, self.cfg,
+                                   self.rank, self.comm.world_size)
+        last_rows = torch.tensor(lens).cumsum(0) - 1
+        self.steps += 1
+        return self.model.forward(ids, positions, meta, lora, last_rows)
+
+    def run_message(self, msg: dict) -> Tensor | None:
+        for op in msg["ops"]:
+            self.apply(op[0], op[1:])
+        return self.execute(msg["seqs"]) if msg["seqs"] else None
+
+    def serve_forever(self) -> None:
+        """Ranks > 0: follow rank 0's steps until it says stop."""
+        while True:
+            msg = self.channel.recv()
+            if msg.get("stop"):
+                log.info("rank %d: stop after %d steps", self.rank, self.steps)
+                return
+            self.run_message(msg)

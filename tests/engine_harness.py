@@ -1,0 +1,58 @@
+"""Build an engine on local files for the tests, and drive it step by step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bdlora_ray.comm import Comm
+from bdlora_ray.config import LlamaConfig
+from bdlora_ray.engine import Engine, EngineConfig
+from bdlora_ray.memory import PoolConfig
+from bdlora_ray.request import GenerationRequest, RequestOutput
+from bdlora_ray.tokenizer import load_tokenizer
+from bdlora_ray.worker import LocalShardSource, StepChannel, TPWorker
+
+
+def local_engine(cfg: LlamaConfig, checkpoint: Path, adapters: dict[str, tuple[str, str | None]],
+                 config: EngineConfig = EngineConfig(), block_size: int = 4) -> Engine:
+    pool = PoolConfig.for_model(cfg, 1, config.num_pages, block_size=block_size)
+    worker = TPWorker(cfg, str(checkpoint), Comm(), pool, LocalShardSource(adapters, cfg, 1), StepChannel(1))
+    return Engine(worker, load_tokenizer(checkpoint), config)
+
+
+def run_to_completion(engine: Engine, reqs: list[GenerationRequest], max_steps: int = 10_000,
+                      on_step=None) -> dict[str, list[RequestOutput]]:
+    """Submit everything, step the engine (no thread) until every request finished."""
+    outs: dict[str, list[RequestOutput]] = {r.request_id: [] for r in reqs}
+    for r in reqs:
+        engine.submit(r, outs[r.request_id].append)
+    for i in range(max_steps):
+        if all(o and o[-1].finished for o in outs.values()):
+            return outs
+        engine.step()
+        if on_step is not None:
+            on_step(i, outs)
+    raise AssertionError(f"not finished after {max_steps} steps")
+
+
+def tokens(events: list[RequestOutput]) -> list[int]:
+    return [t for e in events for t in e.token_ids]
+
+
+@torch.no_grad()
+def hf_generate(checkpoint: Path, prompt: list[int], max_new_tokens: int, adapter: str | None = None) -> list[int]:
+    """Greedy HF (+ PEFT) generation; new tokens up to and including EOS."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    new = out[0, len(prompt):].tolist()
+    eos = model.config.eos_token_id
+    return new[:new.index(eos) + 1] if eos in new else new
