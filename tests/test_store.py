@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -333,8 +334,10 @@ def test_missing_adapter_is_not_found(bucket):
 def test_unreachable_store_is_unavailable(s3_server):
     from s3_server import patched_env
 
-    # A closed port: connection refused, retried per S3Config, then a 503-class error.
-    with patched_env({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}):
+    with socket.socket() as sock:  # a port nobody listens on: connection refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with patched_env({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}):
         store = make_store(s3=S3Config(max_attempts=1, connect_timeout_s=1.0))
     with pytest.raises(AdapterUnavailable) as e:
         store.get_shard("anything", 0)
@@ -406,3 +409,93 @@ def test_ray_workers_each_get_only_their_shard_zero_copy(ray_session, s3_server,
     with pytest.raises(AdapterNotFound):
         ray.get(store.get_shard.remote("not-there", 0))
     ray.kill(store)
+
+
+# ---- end to end: push -> store -> 2-rank pools -> TP model == HF + PEFT --------------
+
+E2E_TOL = 1e-4  # float32 on CPU; the same bound as the model tests
+
+
+def _serve_rank(rank: int, world: int, init_file: str, checkpoint: str, names: list[str],
+                seqs: list[tuple[str | None, list[int]]], out_dir: str) -> None:
+    """One TP rank: fetch ONLY its shards from the store, page them into its pool, run the model."""
+    import json
+    import os
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from bdlora_ray.attention import AttentionMeta
+    from bdlora_ray.comm import init_distributed
+    from bdlora_ray.lora.batch import LoraBatch
+    from bdlora_ray.memory import PagePool, PoolConfig
+    from bdlora_ray.tp import TPModel
+
+    torch.set_num_threads(1)
+    comm = init_distributed(rank, world, f"file://{init_file}")
+    store = make_store()  # reaches moto through the AWS_* variables this process inherited
+    pool = PagePool(PoolConfig.for_model(CFG, world, num_pages=256))
+    for i, name in enumerate(names):
+        pool.allocate_kv(f"filler-{i}", 16 * (i + 1))  # KV blocks between adapters: pages not contiguous
+        blob = store.get_shard(name, rank)
+        pool.load_adapter(name, blob.tensors(), blob.meta)
+    model = TPModel(CFG, checkpoint, comm)
+
+    def forward(batch):
+        used = sorted({n for n, _ in batch if n is not None})
+        ids = torch.tensor([t for _, p in batch for t in p])
+        pos = torch.cat([torch.arange(len(p)) for _, p in batch])
+        idx = torch.cat([torch.full((len(p),), used.index(n) if n else -1) for n, p in batch])
+        lora = LoraBatch.build([pool.adapter(n) for n in used], idx, pool.data, CFG, rank, world) if used else None
+        return model.forward(ids, pos, AttentionMeta([len(p) for _, p in batch]), lora)
+
+    out = {f"single.{i}": forward([s]) for i, s in enumerate(seqs)}
+    out["batch"] = forward(seqs)
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"stats": store.stats(), "pages": {n: pool.adapter(n).pages.tolist() for n in names}}, f)
+    dist.destroy_process_group()
+
+
+def test_pushed_adapters_served_from_two_rank_pools_equal_peft(bucket, peft_adapters, tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from reference import hf_logits
+
+    bd, lora, ckpt = str(peft_adapters["bd"]), str(peft_adapters["lora"]), str(peft_adapters["ckpt"])
+    pushes = {"e2e-bd": (bd, []), "e2e-slora": (lora, ["--mode", "slora"]), "e2e-repl": (lora, ["--mode", "replicated"])}
+    for name, (path, extra) in pushes.items():
+        assert cli(["push", path, f"{URI}/{name}", "--tp", "2", "--base", "tiny", "-q", *extra]) == 0
+    g = torch.Generator().manual_seed(5)
+    p1, p2 = (torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist() for n in (7, 5))
+    seqs = [("e2e-bd", p1), ("e2e-slora", p2), (None, p1), ("e2e-repl", p2), (None, p2)]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    mp.spawn(_serve_rank, args=(2, str(tmp_path / "init"), ckpt, list(pushes), seqs, str(out_dir)),
+             nprocs=2, join=True)
+    ranks = [load_file(str(out_dir / f"rank{r}.safetensors")) for r in range(2)]
+    info = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
+
+    manifests = {n: AdapterBucket(URI).manifest(n) for n in pushes}
+    for r in range(2):  # each rank downloaded exactly its own files, nothing of the other rank's
+        assert info[r]["stats"]["bytes_by_rank"] == {str(r): sum(m.files[r].size for m in manifests.values())}
+    adapter_dir = {"e2e-bd": bd, "e2e-slora": lora, "e2e-repl": lora, None: None}
+    refs: dict = {}  # (adapter dir, prompt) -> HF + PEFT logits; each costs a model load
+    row = 0
+    for i, (name, p) in enumerate(seqs):
+        key = (adapter_dir[name], tuple(p))
+        if key not in refs:
+            refs[key] = hf_logits(peft_adapters["ckpt"], torch.tensor(p), adapter_dir[name])
+        want = refs[key]
+        for r in range(2):
+            diff = (ranks[r][f"single.{i}"] - want).abs().max().item()
+            assert diff <= E2E_TOL, f"rank {r} seq {i} ({name}): max abs diff {diff:.2e} vs HF+PEFT"
+            diff = (ranks[r]["batch"][row:row + len(p)] - want).abs().max().item()
+            assert diff <= E2E_TOL, f"rank {r} seq {i} ({name}) in the mixed batch: {diff:.2e}"
+        row += len(p)
+    for name, p in seqs:  # every adapter really changes the output, so the comparisons have teeth
+        if name is not None:
+            assert (refs[(adapter_dir[name], tuple(p))] - refs[(None, tuple(p))]).abs().max() > 100 * E2E_TOL
