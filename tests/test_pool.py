@@ -87,6 +87,9 @@ def test_page_size_and_kv_view():
     assert pool.data[1, 3, BLOCK * 16 + 2 * 16 + 5] == 7.0 and pool.data[0].abs().sum() == 0
     with pytest.raises(ValueError):
         PoolConfig(num_layers=1, num_pages=4, block_size=8, kv_heads=1, head_dim=16, page_elems=100)
+    wide = PagePool(PoolConfig(num_layers=1, num_pages=4, block_size=8, kv_heads=1, head_dim=16, page_elems=300))
+    wide.kv_cache(0)[2, 0, 0, 0, 0] = 1.0  # pages wider than a KV block: the block is each page's head
+    assert wide.data[0, 2, 0] == 1.0 and wide.data.sum() == 1.0
 
 
 def test_kv_table_grows_one_block_at_a_time():

@@ -166,9 +166,18 @@ class AdapterStore:
 
     # ---- single flight -----------------------------------------------------
 
-    def _single_flight(self, key: tuple, load: Callable[[], T]) -> T:
-        """Run `load` once for all concurrent callers with the same key; all get its result or error."""
+    def _single_flight(self, key: tuple, cached: Callable[[], T | None], load: Callable[[], T]) -> T:
+        """`cached()` if it has the value, else `load()` run once for all concurrent callers of `key`.
+
+        Every caller gets the one load's result or its exception. `cached` runs
+        under the lock together with the in-flight lookup, so a caller cannot
+        miss the cache just before a load finishes and then start another one.
+        `load` must fill the cache (under the lock) before it returns.
+        """
         with self._lock:
+            value = cached()
+            if value is not None:
+                return value
             fut = self._inflight.get(key)
             leader = fut is None
             if leader:
@@ -195,12 +204,14 @@ class AdapterStore:
     def manifest(self, name: str) -> Manifest:
         """The adapter's manifest, checked against the served model; cached once valid."""
         check_name(name)
-        with self._lock:
+
+        def cached() -> Manifest | None:
             m = self._manifests.get(name)
             if m is not None:
                 self._manifests.move_to_end(name)
-                return m
-        return self._single_flight(("manifest", name), lambda: self._fetch_manifest(name))
+            return m
+
+        return self._single_flight(("manifest", name), cached, lambda: self._fetch_manifest(name))
 
     def _fetch_manifest(self, name: str) -> Manifest:
         c = self.config
@@ -228,13 +239,13 @@ class AdapterStore:
         check_name(name)
         if not 0 <= tp_rank < self.config.tp:
             raise ValueError(f"tp_rank {tp_rank} outside TP degree {self.config.tp}")
-        key = (name, tp_rank)
-        with self._lock:
-            blob = self._cache.get(key)
-            if blob is not None:
-                self._stats.hits += 1
-                return blob
-        return self._single_flight(("shard", name, tp_rank), lambda: self._load_shard(name, tp_rank))
+
+        def cached() -> ShardBlob | None:
+            blob = self._cache.get((name, tp_rank))
+            self._stats.hits += blob is not None
+            return blob
+
+        return self._single_flight(("shard", name, tp_rank), cached, lambda: self._load_shard(name, tp_rank))
 
     def _load_shard(self, name: str, tp_rank: int) -> ShardBlob:
         c = self.config
