@@ -276,8 +276,13 @@ class Engine:
                 text, reason = text[:i], "stop"
         if reason is None and (len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.config.max_model_len):
             reason = "length"
-        if reason is None and text.endswith("\ufffd"):
-            text = seq.text  # an incomplete UTF-8 sequence: hold it back until it completes
+        if reason is None:
+            # Hold back what may still change: an incomplete UTF-8 character, and any
+            # tail that could be the start of a stop string (the next token decides).
+            hold = max((len(s) for s in p.stop), default=1) - 1
+            text = text[:len(text) - hold] if hold else text
+            text = text.rstrip("\ufffd")
+            text = text if len(text) >= len(seq.text) else seq.text
         delta, seq.text = text[len(seq.text):], text
         self.counters["generated_tokens"] += 1
         self._sinks[seq.req.request_id](RequestOutput(
