@@ -142,7 +142,7 @@ class PagePool:
 
     def _take(self, n: int, what: str) -> list[int]:
         """n free page ids, evicting idle adapters LRU-first if needed; all or nothing."""
-        if n > len(self._free) + self._idle_pages():
+        if n > len(self._free) and n > len(self._free) + self._idle_pages():  # the sum only when short
             u = self.usage()
             raise PoolExhausted(
                 f"{what} needs {n} pages; free {u.free_pages}, idle adapters {u.adapter_pages - u.pinned_adapter_pages}, "
