@@ -22,7 +22,7 @@ from typing import Any, Callable
 from bdlora_ray.errors import BdloraError, InvalidRequest, Overloaded, PoolExhausted
 from bdlora_ray.request import GenerationRequest, RequestOutput
 from bdlora_ray.sampling import make_generator, sample
-from bdlora_ray.scheduler import PoolLog, Scheduler, Sequence, Status
+from bdlora_ray.scheduler import PoolLog, Scheduler, Sequence
 from bdlora_ray.worker import TPWorker
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,9 @@ class Engine:
         self._stop = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=30)  # the loop tells the other ranks to stop as it exits
+        else:
+            self.worker.channel.send({"stop": True})  # stepped by hand: tell them here
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def run_forever(self) -> None:

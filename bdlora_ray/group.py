@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.engine import Engine, EngineConfig
-from bdlora_ray.errors import BdloraError, error_from_name
+from bdlora_ray.errors import error_from_name
 from bdlora_ray.memory import PoolConfig
 from bdlora_ray.request import GenerationRequest, RequestOutput
 from bdlora_ray.store.actor import AdapterStoreActor, StoreConfig

@@ -10,7 +10,6 @@ cases run under TRITON_INTERPRET=1 (set in conftest) on tiny shapes.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -310,10 +309,7 @@ def test_bad_arguments_raise():
 
 @pytest.mark.skipif(not INTERPRETED, reason="the cpu smoke run needs TRITON_INTERPRET=1")
 def test_bench_tiny_cpu_smoke(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
+    from bench import kernels as bench
     out = tmp_path / "k.json"
     assert bench.main(["--device", "cpu", "--tiny", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

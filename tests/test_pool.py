@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -214,9 +212,7 @@ def test_200_adapters_cycle_through_a_pool_of_about_20():
 
 
 def test_packing_bench_runs_and_counts_consistently(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("packing", Path(__file__).parents[1] / "bench" / "packing.py")
-    packing = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(packing)
+    from bench import packing
     out = tmp_path / "packing.json"
     res = packing.main(["--model", "tiny", "--tp", "2", "--gib", "0.02", "--json", str(out)])
     assert json.loads(out.read_text()) == res
