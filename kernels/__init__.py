@@ -2,11 +2,12 @@
 
 `lora_shrink` / `lora_expand` take the arguments of the references in
 `kernels.lora_ref` (see there for the paged layout and semantics) and run
-one of two backends:
+one of three backends:
 
-- "torch": the pure-torch reference (the CPU serving path);
 - "triton": the Triton kernels in `lora_shrink_op.py` / `lora_expand_op.py`
-  (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 in tests).
+  (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 in tests);
+- "torch": vectorised torch ops (`lora_torch.py`), the CPU serving path;
+- "reference": the loop-per-adapter references (`lora_ref.py`), the spec.
 
 The backend is, first to last: the call's `backend` keyword, `set_backend`,
 the env var BDLORA_KERNEL_BACKEND, "auto"; "auto" picks triton for CUDA
@@ -24,11 +25,12 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
+from kernels.lora_torch import lora_expand_torch, lora_shrink_torch
 
 if TYPE_CHECKING:
     from kernels.lora_shrink_op import Segments
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "reference")
 ENV_VAR = "BDLORA_KERNEL_BACKEND"
 _backend: str | None = None  # set_backend's choice; None: the env var decides
 
@@ -70,8 +72,11 @@ def lora_shrink(
 ) -> Tensor:
     """h (T, n_slices, R) float32: h[t, s, :rank[a, s]] = x[t] @ A_s.T, a = idx[t];
     zero elsewhere. See `lora_shrink_ref`. `segments` only matters to triton."""
-    if resolve_backend(backend, x) == "torch":
+    name = resolve_backend(backend, x)
+    if name == "reference":
         return lora_shrink_ref(x, pool, page_table, idx, a_offset, rank, max_rank)
+    if name == "torch":
+        return lora_shrink_torch(x, pool, page_table, idx, a_offset, rank, max_rank)
     impl = importlib.import_module("kernels.lora_shrink_op").lora_shrink
     return impl(x, pool, page_table, idx, a_offset, rank, max_rank, segments=segments)
 
@@ -83,8 +88,11 @@ def lora_expand(
 ) -> Tensor:
     """In place, returns y: y[t, o:o + n] += scale[a] * h[t, s, :r] @ B_s.T for
     a = idx[t] >= 0 and slices with r = rank[a, s] > 0. See `lora_expand_ref`."""
-    if resolve_backend(backend, y) == "torch":
+    name = resolve_backend(backend, y)
+    if name == "reference":
         return lora_expand_ref(h, pool, page_table, idx, b_offset, rank, out_start, out_len, scale, y)
+    if name == "torch":
+        return lora_expand_torch(h, pool, page_table, idx, b_offset, rank, out_start, out_len, scale, y)
     impl = importlib.import_module("kernels.lora_expand_op").lora_expand
     return impl(h, pool, page_table, idx, b_offset, rank, out_start, out_len, scale, y, segments=segments)
 
