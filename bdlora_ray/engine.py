@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from bdlora_ray.errors import BdloraError, InvalidRequest, Overloaded, PoolExhausted
+from bdlora_ray.errors import BdloraError, InvalidRequest, Overloaded, PoolExhausted, ReplicaGroupFailed
 from bdlora_ray.request import GenerationRequest, RequestOutput
 from bdlora_ray.sampling import make_generator, sample
 from bdlora_ray.scheduler import PoolLog, Scheduler, Sequence
@@ -77,7 +77,7 @@ class Engine:
     def submit(self, req: GenerationRequest, sink: Sink) -> None:
         """Queue a request; raises typed errors for what can be refused at once."""
         if self.dead is not None:
-            raise BdloraError(f"engine stopped: {self.dead}")
+            raise ReplicaGroupFailed(f"replica group failed: {self.dead!r}")
         req.params.validate()
         n = len(req.prompt_ids)
         limit = self.config.max_model_len
@@ -145,8 +145,9 @@ class Engine:
         except BaseException as e:  # the ranks may now disagree: fail everything, refuse new work
             log.exception("engine loop died")
             self.dead = e
+            failed = ReplicaGroupFailed(f"replica group failed: {e!r}")
             for rid in list(self._seqs):
-                self._fail(self._seqs[rid], e)
+                self._fail(self._seqs[rid], failed)
         finally:
             try:
                 self.worker.channel.send({"stop": True})

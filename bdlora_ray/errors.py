@@ -55,6 +55,15 @@ class AdapterNameInvalid(InvalidRequest):
     code = "invalid_adapter_name"
 
 
+class ReplicaGroupFailed(BdloraError):
+    """A TP worker of the replica group died; in-flight requests end with this while
+    the group is rebuilt. The client may retry."""
+
+    http_status = 503
+    code = "replica_group_failed"
+    retry_after_s = 5
+
+
 def error_from_name(name: str | None, message: str) -> BdloraError:
     """Rebuild a typed error from its class name (errors cross threads and actors as data)."""
     cls = globals().get(name or "")

@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.engine import Engine, EngineConfig
-from bdlora_ray.errors import error_from_name
+from bdlora_ray.errors import ReplicaGroupFailed, error_from_name
 from bdlora_ray.memory import PoolConfig
 from bdlora_ray.request import GenerationRequest, RequestOutput
 from bdlora_ray.store.actor import AdapterStoreActor, StoreConfig
@@ -199,7 +199,12 @@ class TPWorkerActor:
 
 
 class EngineGroup:
-    """Creates and drives one replica group (see the module docstring)."""
+    """Creates and drives one replica group (see the module docstring).
+
+    When a worker dies, in-flight requests end with ReplicaGroupFailed (503) and
+    the group rebuilds itself in place: every worker is replaced, in the same
+    placement group, and new requests are refused with 503 until it is back.
+    """
 
     def __init__(self, config: GroupConfig, placement_group: PlacementGroup | None = None) -> None:
         self.config = config
@@ -216,28 +221,72 @@ class EngineGroup:
                                                lifetime="detached",
                                                runtime_env={"env_vars": _worker_env()}).remote(store_config)
         pg = placement_group or get_current_placement_group()
-        offset = 1 if pg is not None and placement_group is None else 0  # bundle 0 is the Serve replica's
+        self._offset = 1 if pg is not None and placement_group is None else 0  # bundle 0: the Serve replica's
         self._own_pg = None
         if pg is None:
             self._own_pg = pg = ray_placement_group(config)
-            offset = 0
-        res = {"num_gpus": 1, "num_cpus": 0} if config.use_gpu else {"num_cpus": config.worker_cpus}
+            self._offset = 0
+        self._pg = pg
+        self._resident: set[str] = set()
+        self._rebuild_lock = asyncio.Lock()
+        self._rebuilding = False
+        self.rebuilds = 0
+        self._start()
+        log.info("replica group up: %s, TP=%d", self.model_name, config.tp)
+
+    def _start(self) -> None:
+        """Create the TP workers, join them in one torch.distributed group, start rank 0's engine."""
+        c = self.config
+        res = {"num_gpus": 1, "num_cpus": 0} if c.use_gpu else {"num_cpus": c.worker_cpus}
         actor = ray.remote(TPWorkerActor)
         self.workers = [
             actor.options(**res, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                pg, placement_group_bundle_index=offset + i, placement_group_capture_child_tasks=False),
-                runtime_env={"env_vars": _worker_env()}).remote(i, config)
-            for i in range(config.tp)]
+                self._pg, placement_group_bundle_index=self._offset + i, placement_group_capture_child_tasks=False),
+                runtime_env={"env_vars": _worker_env()}).remote(i, c)
+            for i in range(c.tp)]
         init = ray.get(self.workers[0].rendezvous.remote())
         ray.get([w.setup.remote(init, self.store) for w in self.workers])
         self._followers = [w.serve_forever.remote() for w in self.workers[1:]]
         ray.get(self.workers[0].start_engine.remote(self.workers[1:]))
-        self._resident: set[str] = set()
-        log.info("replica group up: %s, TP=%d", self.model_name, config.tp)
+        self._resident.clear()
+
+    async def _failure(self) -> str | None:
+        """Why the group cannot serve, or None. Never touches S3."""
+        ended, _ = ray.wait(self._followers, timeout=0)
+        if ended:
+            return "a TP worker stopped following rank 0"
+        try:
+            s = await asyncio.wait_for(self.workers[0].stats.remote(), timeout=30)
+        except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
+            return f"rank 0 is unreachable: {type(e).__name__}"
+        return f"engine loop died: {s['dead']}" if s["dead"] else None
+
+    async def recover(self) -> bool:
+        """Rebuild the group if it is broken; True if it had to."""
+        async with self._rebuild_lock:
+            why = await self._failure()
+            if why is None:
+                return False
+            log.warning("replica group %s broken (%s): rebuilding", self.model_name, why)
+            self._rebuilding = True
+            try:
+                for w in self.workers:
+                    ray.kill(w, no_restart=True)
+                await asyncio.get_running_loop().run_in_executor(None, self._start)
+                self.rebuilds += 1
+            finally:
+                self._rebuilding = False
+            return True
+
+    def _recover_soon(self) -> None:
+        if not self._rebuild_lock.locked():
+            asyncio.get_running_loop().create_task(self.recover())
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
         if req.adapter is not None:
             check_name(req.adapter)
+        if self._rebuilding:
+            raise ReplicaGroupFailed("the replica group is restarting")
         gen = self.workers[0].generate.options(num_returns="streaming").remote(req)
         done = started = False
         try:
@@ -245,18 +294,30 @@ class EngineGroup:
                 try:
                     out = await ref
                 except ray.exceptions.RayTaskError as e:
-                    raise unwrap(e) from None
+                    err = unwrap(e)
+                    if isinstance(err, ReplicaGroupFailed):
+                        self._recover_soon()
+                    raise err from None
                 done = out.finished
+                if out.error_type == ReplicaGroupFailed.__name__:
+                    self._recover_soon()
                 if done and out.finish_reason == "error" and not started:
                     raise error_from_name(out.error_type, out.error or "request failed")
                 started = True
                 if done and req.adapter is not None and out.finish_reason != "error":
                     self._resident.add(req.adapter)
                 yield out
+        except ray.exceptions.RayActorError as e:  # rank 0 itself died
+            self._recover_soon()
+            done = True
+            raise ReplicaGroupFailed(f"rank 0 of the replica group died: {type(e).__name__}") from None
         finally:
             if not done:
                 ray.cancel(gen)
-                await self.abort(req.request_id)
+                try:
+                    await self.abort(req.request_id)
+                except ray.exceptions.RayError:
+                    log.debug("abort of %s not delivered", req.request_id, exc_info=True)
 
     async def abort(self, request_id: str) -> None:
         await self.workers[0].abort.remote(request_id)
@@ -295,14 +356,8 @@ class EngineGroup:
         return await asyncio.gather(*[w.pool_usage.remote() for w in self.workers])
 
     async def check_health(self) -> None:
-        """Raises if a worker died or the engine loop stopped; never touches S3."""
-        ready, _ = ray.wait(self._followers, timeout=0)
-        if ready:
-            ray.get(ready)  # a follower ended: raise its error
-            raise RuntimeError("a TP worker stopped following rank 0")
-        s = await self.workers[0].stats.remote()
-        if s["dead"]:
-            raise RuntimeError(f"engine loop died: {s['dead']}")
+        """Rebuilds a broken group (never touches S3); raises only if that fails."""
+        await self.recover()
 
     def shutdown(self) -> None:
         try:

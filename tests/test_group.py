@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import ray
 import torch
 
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.engine import EngineConfig
-from bdlora_ray.errors import AdapterNotFound
+from bdlora_ray.errors import AdapterNotFound, ReplicaGroupFailed
 from bdlora_ray.group import EngineGroup, GroupConfig
 from bdlora_ray.lora.shard import load_peft_adapter, shard_adapter
 from bdlora_ray.request import GenerationRequest, SamplingParams
@@ -141,3 +142,33 @@ def test_no_ray_call_per_decode_step(served):
     assert diff[0] == {"generate": 1, "stats": 2, "call_counts": 1}, diff[0]
     # Rank 1 follows over torch.distributed: only this test's own count query reached it.
     assert diff[1] == {"call_counts": 1}, diff[1]
+
+
+def test_worker_killed_mid_request_ends_it_with_503_then_group_rebuilds(served):
+    """Runs last in this module: it breaks and rebuilds the shared group."""
+    group, ckpt, peft = served
+    name = SPECS[3][0]
+
+    async def go():
+        events, raised = [], None
+        try:
+            async for out in group.generate(greedy("victim", [21, 22, 23], name, n=200, ignore_eos=True)):
+                events.append(out)
+                if len(events) == 3:
+                    ray.kill(group.workers[1], no_restart=True)
+        except ReplicaGroupFailed as e:
+            raised = e
+        assert group.rebuilds == 0
+        await group.recover()  # what Serve's health check calls
+        after = await collect(group, greedy("after-rebuild", [21, 22, 23], name))
+        return events, raised, after
+
+    events, raised, after = asyncio.run(asyncio.wait_for(go(), timeout=300))
+    last = events[-1]
+    assert raised is not None or (last.finish_reason == "error" and last.error_status == 503
+                                  and last.error_type == "ReplicaGroupFailed")
+    assert len([t for e in events for t in e.token_ids]) < 200  # it ended early, with an error, not a hang
+    assert group.rebuilds == 1
+    assert after == hf_generate(ckpt, [21, 22, 23], NEW, str(peft[name]))
+    usage = asyncio.run(group.pool_usage())
+    assert usage[0] == usage[1] and usage[0]["kv_pages"] == 0
