@@ -1,0 +1,394 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over a `Router` of replica groups.
+
+    POST   /v1/completions, /v1/chat/completions   `model` = adapter name or the base model's name
+    GET    /v1/models                              base model + adapters in the store
+    POST   /v1/adapters {"name"}                   load (admin)
+    DELETE /v1/adapters/{name}                     unload from every group (admin)
+    GET    /health, /metrics
+
+Every error is OpenAI's body `{"error": {message, type, param, code}}` with
+the typed error's status (503s with Retry-After); FastAPI's validation errors
+become 400. Streams are server-sent events ending with `data: [DONE]`. A
+request's first engine event is awaited before the response starts, so an
+unknown adapter is a 404 even with `stream: true`; a client that disconnects
+mid-stream has its request aborted.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bdlora_ray.errors import BdloraError
+from bdlora_ray.request import RequestOutput
+from bdlora_ray.store.manifest import check_name
+from deploy.config import ApiConfig
+from deploy.metrics import ApiMetrics
+from deploy.protocol import (
+    AdapterLoadRequest,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+    error_body,
+    error_type,
+)
+from deploy.routing import Router
+from deploy.serving import ErrorInfo, PromptInput
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class Unauthorized(BdloraError):
+    http_status = 401
+    code = "invalid_api_key"
+
+
+def error_response(status: int, message: str, code: str | None, param: str | None = None,
+                   retry_after_s: float | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = dict(headers or {})
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after_s)))
+    return JSONResponse(error_body(message, error_type(status), code, param), status_code=status, headers=headers)
+
+
+def _bdlora_error(_: Request, e: Exception) -> JSONResponse:
+    assert isinstance(e, BdloraError)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(e, Unauthorized) else None
+    if e.http_status >= 500:
+        log.warning("%s: %s", type(e).__name__, e)
+    return error_response(e.http_status, str(e), e.code, retry_after_s=getattr(e, "retry_after_s", None),
+                          headers=headers)
+
+
+def _validation_error(_: Request, e: Exception) -> JSONResponse:
+    assert isinstance(e, RequestValidationError)
+    errors = e.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(x) for x in first.get("loc", ())]
+    param = ".".join(loc[1:] if loc[:1] == ["body"] else loc[-1:]) or None
+    msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return error_response(400, f"{param}: {msg}{more}" if param else msg + more, "invalid_request_error", param)
+
+
+def _http_error(_: Request, e: Exception) -> JSONResponse:
+    assert isinstance(e, StarletteHTTPException)
+    return error_response(e.status_code, str(e.detail), None, headers=getattr(e, "headers", None))
+
+
+def _internal_error(_: Request, e: Exception) -> JSONResponse:
+    log.exception("internal error", exc_info=e)
+    return error_response(500, "internal server error", "internal_error")
+
+
+class BodyLimit:
+    """413 for request bodies above `max_bytes` (declared or actual), before the app reads them."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        too_large = error_response(413, f"request body exceeds {self.max_bytes} bytes", "request_too_large")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                break  # disconnected before the body arrived: the app will see it
+            size += len(msg.get("body", b""))
+            if size > self.max_bytes:
+                return await too_large(scope, receive, send)
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later messages (http.disconnect) as they come
+
+        await self.app(scope, replay, send)
+
+
+class RequestMetrics:
+    """Counts every HTTP request by route template and status, and times it to its last byte."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.monotonic(), 500
+
+        async def send_(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_)
+        finally:
+            # The router stores the matched route in the scope; its template keeps labels bounded.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.monotonic() - start)
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events; the event generator is closed however the response ends (disconnect included)."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientDisconnect:
+            log.info("client disconnected mid-stream")  # nobody left to answer; closing aborts the request
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event: `data: <json or literal>` and a blank line."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {text}\n\n"
+
+
+class _Format:
+    """How one endpoint renders events: OpenAI's completion or chat objects."""
+
+    prefix = "cmpl"
+
+    def opening(self, rid: str, model: str) -> list[dict]:
+        return []
+
+    def chunk(self, rid: str, model: str, text: str, finish: str | None) -> list[dict]:
+        if not text and finish is None:
+            return []  # e.g. a token that ends mid-way through a UTF-8 character
+        return [CompletionResponse(id=rid, model=model, choices=[{"text": text, "finish_reason": finish}])
+                .model_dump()]
+
+    def usage_chunk(self, rid: str, model: str, usage: Usage) -> dict:
+        return CompletionResponse(id=rid, model=model, choices=[], usage=usage).model_dump()
+
+    def response(self, rid: str, model: str, text: str, finish: str | None, usage: Usage) -> dict:
+        return CompletionResponse(id=rid, model=model, choices=[{"text": text, "finish_reason": finish}],
+                                  usage=usage).model_dump()
+
+
+class _ChatFormat(_Format):
+    prefix = "chatcmpl"
+
+    def opening(self, rid: str, model: str) -> list[dict]:
+        return [ChatCompletionChunk(id=rid, model=model,
+                                    choices=[{"delta": {"role": "assistant", "content": ""}}]).model_dump()]
+
+    def chunk(self, rid: str, model: str, text: str, finish: str | None) -> list[dict]:
+        out = []
+        if text:
+            out.append(ChatCompletionChunk(id=rid, model=model, choices=[{"delta": {"content": text}}]).model_dump())
+        if finish is not None:  # OpenAI ends with an empty delta carrying the finish reason
+            out.append(ChatCompletionChunk(id=rid, model=model,
+                                           choices=[{"delta": {}, "finish_reason": finish}]).model_dump())
+        return out
+
+    def usage_chunk(self, rid: str, model: str, usage: Usage) -> dict:
+        return ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage).model_dump()
+
+    def response(self, rid: str, model: str, text: str, finish: str | None, usage: Usage) -> dict:
+        return ChatCompletionResponse(id=rid, model=model, usage=usage, choices=[
+            {"message": {"role": "assistant", "content": text}, "finish_reason": finish}]).model_dump()
+
+
+def _engine_error(ev: RequestOutput) -> ErrorInfo:
+    return ErrorInfo(ev.error_status or 500, "generation_error", ev.error or "generation failed")
+
+
+class _Accounting:
+    """Token counts of one request, reported to the metrics once when it ends."""
+
+    def __init__(self, metrics: ApiMetrics, adapter: str | None, start: float) -> None:
+        self.metrics, self.adapter, self.start = metrics, adapter, start
+        self.prompt = self.completion = 0
+        self.first_token = False
+        self.done = False
+
+    def see(self, ev: RequestOutput) -> None:
+        self.prompt = max(self.prompt, ev.prompt_tokens)
+        self.completion = max(self.completion, ev.completion_tokens)
+        if ev.token_ids and not self.first_token:
+            self.first_token = True
+            self.metrics.ttft.observe(time.monotonic() - self.start)
+
+    def usage(self) -> Usage:
+        return Usage.of(self.prompt, self.completion)
+
+    def end(self) -> None:
+        if not self.done:
+            self.done = True
+            self.metrics.generation_done(self.adapter, self.prompt, self.completion)
+
+
+def make_api(router: Router, config: ApiConfig, metrics: ApiMetrics | None = None) -> FastAPI:
+    metrics = metrics or ApiMetrics(config.max_adapter_labels)
+    api = FastAPI(title="bdlora-ray", summary="OpenAI-compatible API: one Llama, thousands of LoRA adapters")
+    api.add_exception_handler(BdloraError, _bdlora_error)
+    api.add_exception_handler(RequestValidationError, _validation_error)
+    api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_exception_handler(Exception, _internal_error)
+    api.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    api.add_middleware(RequestMetrics, metrics=metrics)  # added last = outermost: sees 413s too
+    if not config.admin_token:
+        log.warning("BDLORA_ADMIN_TOKEN is not set: POST/DELETE /v1/adapters are open to any client")
+
+    def require_admin(request: Request) -> None:
+        if not config.admin_token:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken does not reveal how much of the token matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.admin_token.encode()):
+            raise Unauthorized("this endpoint needs 'Authorization: Bearer <admin token>'")
+
+    def adapter_of(model: str) -> str | None:
+        return None if model == config.model_name else check_name(model)
+
+    async def generate(inp: PromptInput, stream: bool, include_usage: bool, fmt: _Format) -> Response:
+        start, model = time.monotonic(), inp.adapter or config.model_name
+        events = router.generate(inp)
+        try:
+            first = await anext(events)  # typed errors surface here, before the response starts
+        except BaseException:
+            await events.aclose()
+            raise
+        acct = _Accounting(metrics, inp.adapter, start)
+        if stream:
+            return SSEResponse(_stream(first, events, inp.request_id, model, include_usage, fmt, acct),
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            ev, text = first, []
+            while True:
+                acct.see(ev)
+                text.append(ev.text)
+                if ev.finished:
+                    break
+                ev = await anext(events)
+        finally:
+            acct.end()
+            await events.aclose()  # early exit (cancelled: client gone) aborts the request
+        if ev.finish_reason == "error":
+            raise _engine_error(ev).error()
+        return JSONResponse(fmt.response(inp.request_id, model, "".join(text), ev.finish_reason, acct.usage()))
+
+    async def _stream(first: RequestOutput, events: AsyncGenerator[RequestOutput, None], rid: str, model: str,
+                      include_usage: bool, fmt: _Format, acct: _Accounting) -> AsyncIterator[str]:
+        try:
+            for c in fmt.opening(rid, model):
+                yield sse(c)
+            ev = first
+            while True:
+                acct.see(ev)
+                if ev.finish_reason == "error":
+                    e = _engine_error(ev)
+                    yield sse(error_body(e.message, error_type(e.status), e.code))
+                    break
+                for c in fmt.chunk(rid, model, ev.text, ev.finish_reason if ev.finished else None):
+                    yield sse(c)
+                if ev.finished:
+                    if include_usage:
+                        yield sse(fmt.usage_chunk(rid, model, acct.usage()))
+                    break
+                try:
+                    ev = await anext(events)
+                except BdloraError as e:  # headers are sent: report it in the stream
+                    yield sse(error_body(str(e), error_type(e.http_status), e.code))
+                    break
+            yield sse("[DONE]")
+        finally:
+            acct.end()
+            await events.aclose()  # not finished (client gone): aborts the request
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Response:
+        adapter = adapter_of(body.model)
+        params = body.sampling_params(body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS)
+        p = body.prompt
+        inp = PromptInput(f"cmpl-{uuid.uuid4().hex}", adapter, params, text=p if isinstance(p, str) else None,
+                          token_ids=None if isinstance(p, str) else tuple(p))
+        return await generate(inp, body.stream, body.include_usage, _Format())
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
+        adapter = adapter_of(body.model)
+        wanted = body.requested_max_tokens
+        params = body.sampling_params(wanted or 1)  # without max_tokens: the rest of the context, set by the group
+        messages = tuple((m["role"], m["content"]) for m in body.chat())
+        inp = PromptInput(f"chatcmpl-{uuid.uuid4().hex}", adapter, params, messages=messages,
+                          max_tokens_from_context=wanted is None)
+        return await generate(inp, body.stream, body.include_usage, _ChatFormat())
+
+    @api.get("/v1/models")
+    async def models() -> dict:
+        base = config.model_name
+        cards = [ModelCard(id=base, root=base)]
+        for a in await router.list_adapters():
+            if a.get("error"):
+                continue  # in the store but not servable here; `bdlora ls` shows why
+            cards.append(ModelCard(id=a["name"], root=base, parent=base, rank=a.get("rank"), mode=a.get("mode")))
+        return ModelList(data=cards).model_dump()
+
+    @api.post("/v1/adapters", dependencies=[Depends(require_admin)])
+    async def load_adapter(body: AdapterLoadRequest) -> dict:
+        name = check_name(body.name)
+        await router.load_adapter(name)
+        return {"object": "adapter", "name": name, "status": "loaded"}
+
+    @api.delete("/v1/adapters/{name}", dependencies=[Depends(require_admin)])
+    async def unload_adapter(name: str) -> dict:
+        name = check_name(name)
+        groups = await router.unload_adapter(name)
+        return {"object": "adapter", "name": name, "status": "unloaded", "groups": groups}
+
+    @api.get("/health")
+    async def health() -> dict:
+        await router.check_health()
+        return {"status": "ok"}
+
+    @api.get("/metrics")
+    async def prometheus() -> Response:
+        try:
+            metrics.groups.update(await router.stats())
+        except BdloraError as e:
+            log.warning("no engine stats for /metrics: %s", e)
+            metrics.groups.update([])
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return api

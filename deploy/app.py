@@ -1,0 +1,130 @@
+"""The Ray Serve application: an HTTP ingress and the replica-group deployment.
+
+    HTTP -> Ingress (FastAPI, deploy.api) --multiplexed_model_id=adapter--> EngineGroupDeployment
+                                                                            (one EngineGroup: TP workers)
+
+Each `EngineGroupDeployment` replica reserves a STRICT_PACK placement group
+of 1 + TP bundles (itself, then one per TP worker, which its `EngineGroup`
+schedules into bundles 1..TP); Serve autoscales the number of groups.
+`build_app` only binds deployments: nothing starts until `serve.run`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from bdlora_ray.errors import BdloraError
+from bdlora_ray.request import RequestOutput
+from deploy.api import make_api
+from deploy.config import ApiConfig, AppConfig, GroupSpec
+from deploy.routing import ServeRouter
+from deploy.serving import ErrorInfo, Group, GroupServer, PromptInput
+
+log = logging.getLogger(__name__)
+
+GroupFactory = Callable[[GroupSpec], Group]  # builds a replica's group (default: bdlora_ray.group.EngineGroup)
+
+
+def engine_group(spec: GroupSpec) -> Group:
+    from bdlora_ray.group import EngineGroup
+
+    return EngineGroup(spec.group_config())  # the replica's own placement group holds its workers
+
+
+def _affinity_loader(group: Group) -> Callable[[str], Awaitable[str]]:
+    # A plain function, not a method, so that the multiplex limit can come from config at run time.
+    async def load_adapter_for_affinity(name: str) -> str:
+        await group.load_adapter(name)
+        return name
+
+    return load_adapter_for_affinity
+
+
+async def _as_data(call: Awaitable[Any]) -> Any:
+    """The call's result, or its typed error as ErrorInfo (plain data across the Ray boundary)."""
+    try:
+        return await call
+    except BdloraError as e:
+        return ErrorInfo.of(e)
+
+
+@serve.deployment
+class EngineGroupDeployment:
+    """One replica group. Serve routes adapter requests by `multiplexed_model_id`: a group reports
+    the adapters it has loaded through `@serve.multiplexed`, and requests for them come here first."""
+
+    def __init__(self, spec: GroupSpec, factory: GroupFactory | None = None) -> None:
+        self.group = (factory or engine_group)(spec)
+        remember = serve.multiplexed(max_num_models_per_replica=spec.max_adapters_per_group)(
+            _affinity_loader(self.group))
+        self.server = GroupServer(self.group, remember)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        log.info("replica group up: model %s, TP %d", self.group.model_name, spec.tp)
+
+    async def generate(self, inp: PromptInput) -> AsyncIterator[RequestOutput | ErrorInfo]:
+        try:
+            async for out in self.server.generate(inp):
+                yield out
+        except BdloraError as e:
+            yield ErrorInfo.of(e)
+
+    async def load_adapter(self, name: str) -> ErrorInfo | None:
+        return await _as_data(self.server.load_adapter(name))
+
+    async def unload_adapter(self, name: str) -> ErrorInfo | None:
+        return await _as_data(self.server.unload_adapter(name))
+
+    async def list_adapters(self) -> list[dict] | ErrorInfo:
+        return await _as_data(self.server.list_adapters())
+
+    async def stats(self) -> dict | ErrorInfo:
+        stats = await _as_data(self.server.stats())
+        return stats if isinstance(stats, ErrorInfo) else {**stats, "replica": self.replica}
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check (and /health): raises if a TP worker died."""
+        await self.server.check_health()
+
+    def __del__(self) -> None:
+        # Serve calls this on shutdown, and the garbage collector may call it again: shut down once.
+        group, self.group = getattr(self, "group", None), None
+        if group is not None:
+            group.shutdown()
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    def __init__(self, groups: Any, config: ApiConfig) -> None:
+        self.router = ServeRouter(groups, config.backend_timeout_s)
+        self.config = config
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return make_api(self.router, self.config)
+
+
+def build_app(config: AppConfig, factory: GroupFactory | None = None) -> Application:
+    """Bind the deployments for `config` (starts nothing)."""
+    spec, api = config.group, config.api
+    assert api is not None
+    groups = EngineGroupDeployment.options(
+        name="EngineGroup",
+        placement_group_bundles=spec.bundles(),
+        placement_group_strategy="STRICT_PACK",  # all TP workers of a group on one node
+        ray_actor_options={"num_cpus": spec.replica_cpus,  # must fit bundle 0
+                           **({"runtime_env": {"env_vars": dict(spec.env_vars)}} if spec.env_vars else {})},
+        autoscaling_config=config.scaling.autoscaling_config(),
+        max_ongoing_requests=spec.max_ongoing_requests,
+        health_check_period_s=10,
+        health_check_timeout_s=60,
+        graceful_shutdown_timeout_s=30,
+    ).bind(spec, factory)
+    return Ingress.options(
+        name="Ingress", num_replicas=api.ingress_replicas, max_ongoing_requests=api.max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},  # I/O only; it must not take a CPU a TP worker needs
+    ).bind(groups, api)

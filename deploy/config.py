@@ -1,0 +1,225 @@
+"""Deployment configuration: the ONE place that reads environment variables.
+
+Every field has a default, and the defaults are the embedded set-up
+(`make run`): the tiny Llama seeded under `.bdlora/`, adapters in a local
+S3 bucket, TP=2 on CPU, one replica group. A real cluster sets a few
+variables (see README.md and deploy/serve_config.yaml):
+
+    BDLORA_MODEL_PATH       local dir with config.json, safetensors, tokenizer
+    BDLORA_MODEL_NAME       served name of the base model (default: the dir name)
+    BDLORA_ADAPTERS_URI     s3://bucket/prefix holding the adapters
+    BDLORA_TP               TP degree of every replica group
+    BDLORA_USE_GPU          1: one {"GPU": 1} bundle per TP worker
+    BDLORA_NUM_GROUPS       fixed number of replica groups (sets min and max)
+    BDLORA_MIN_GROUPS, BDLORA_MAX_GROUPS, BDLORA_TARGET_ONGOING_REQUESTS   autoscaling
+    BDLORA_ADMIN_TOKEN      bearer token for POST/DELETE /v1/adapters (unset: open)
+    BDLORA_ENGINE_<FIELD>   any EngineConfig field, e.g. BDLORA_ENGINE_MAX_NUM_SEQS=64
+    BDLORA_HOST, BDLORA_PORT, BDLORA_S3_PORT, BDLORA_STATE_DIR   embedded server only
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "BDLORA_"
+ENGINE_PREFIX = "BDLORA_ENGINE_"
+DEFAULT_STATE_DIR = ".bdlora"                 # embedded checkpoint + demo adapters, under the project
+DEFAULT_MODEL_DIR = "tiny-llama"              # its name is the served base model name
+DEFAULT_ADAPTERS_URI = "s3://bdlora-adapters/adapters"
+
+
+def served_model_name(model_path: str, model_name: str = "") -> str:
+    """The base model's name in the API: explicit, else the checkpoint directory's name."""
+    return model_name or Path(model_path).name
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One replica group: a Serve replica owning `tp` TP workers in a STRICT_PACK placement group."""
+
+    model_path: str                              # local checkpoint dir on every node that runs a group
+    adapters_uri: str = DEFAULT_ADAPTERS_URI     # s3://bucket/prefix
+    tp: int = 2                                  # TP degree (workers per group)
+    model_name: str = ""                         # served base model name ("" -> directory name)
+    use_gpu: bool = False                        # GPU bundles, else fractional CPU bundles
+    replica_cpus: float = 0.1                    # bundle 0: the replica itself (scheduler, tokenizer)
+    worker_cpus: float = 0.25                    # CPUs per TP worker without GPUs (fractional: 2 cores here)
+    max_ongoing_requests: int = 256              # Serve-level cap per group; the engine queues below it
+    max_adapters_per_group: int = 4096           # adapters remembered for affinity routing per group
+    engine: tuple[tuple[str, Any], ...] = ()     # EngineConfig overrides, (field, value) pairs
+    # Environment of the group replicas (whose workers and adapter store copy the AWS_* part), e.g.
+    # the endpoint of a local S3; not logged, it may hold credentials.
+    env_vars: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.max_adapters_per_group < 1 or self.max_ongoing_requests < 1:
+            raise ValueError("max_adapters_per_group and max_ongoing_requests must be >= 1")
+
+    @property
+    def served_name(self) -> str:
+        return served_model_name(self.model_path, self.model_name)
+
+    def bundles(self) -> list[dict[str, float]]:
+        """Placement group bundles: the replica's, then one per TP worker (worker i -> bundle i + 1)."""
+        from bdlora_ray.group import bundles
+
+        return [{"CPU": self.replica_cpus}] + [dict(b) for b in bundles(self.group_config())]
+
+    def group_config(self) -> Any:
+        """The engine's `GroupConfig` (imported here so that configuring needs no engine)."""
+        from bdlora_ray.engine import EngineConfig
+        from bdlora_ray.group import GroupConfig
+
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(k for k, _ in self.engine if k not in known)
+        if unknown:
+            raise ValueError(f"unknown engine settings {unknown} ({ENGINE_PREFIX}<FIELD>); "
+                             f"EngineConfig has {sorted(known)}")
+        return GroupConfig(model_path=self.model_path, adapters_uri=self.adapters_uri, tp=self.tp,
+                           model_name=self.served_name, engine=EngineConfig(**dict(self.engine)),
+                           use_gpu=self.use_gpu, worker_cpus=self.worker_cpus)
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Serve autoscaling of the replica-group deployment."""
+
+    min_groups: int = 1
+    max_groups: int = 1
+    initial_groups: int | None = None           # None: min_groups
+    target_ongoing_requests: float = 32.0       # per group; above it Serve adds a group
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_groups <= self.max_groups:
+            raise ValueError(f"need 1 <= min_groups <= max_groups, got {self.min_groups}, {self.max_groups}")
+
+    def autoscaling_config(self) -> dict[str, Any]:
+        return {"min_replicas": self.min_groups, "max_replicas": self.max_groups,
+                "initial_replicas": self.initial_groups or self.min_groups,
+                "target_ongoing_requests": self.target_ongoing_requests}
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The HTTP ingress."""
+
+    model_name: str                              # served base model name
+    admin_token: str = field(default="", repr=False)  # "" -> admin endpoints open; never logged
+    max_body_bytes: int = 4 << 20                # larger request bodies get 413
+    max_adapter_labels: int = 100                # distinct adapter label values in /metrics, rest "_other"
+    backend_timeout_s: float = 30.0              # admin and stats calls to the groups
+    ingress_replicas: int = 1
+    max_ongoing_requests: int = 1024             # per ingress replica (each stream holds one)
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    """`python -m deploy.embedded` only."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    s3_port: int = 8001                          # the local S3 server (moto) when none is configured
+    state_dir: str = DEFAULT_STATE_DIR           # checkpoint and PEFT demo adapters
+    ray_temp_dir: str = "/tmp/bdlora-ray"
+    local_s3: bool = True                        # no BDLORA_ADAPTERS_URI: run a local S3 and push demo adapters
+    seed_model: bool = True                      # no BDLORA_MODEL_PATH: write the tiny random checkpoint
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    group: GroupSpec
+    scaling: ScalingConfig = ScalingConfig()
+    api: ApiConfig | None = None                 # None: derived from `group`
+    embedded: EmbeddedConfig = EmbeddedConfig()
+
+    def __post_init__(self) -> None:
+        if self.api is None:
+            object.__setattr__(self, "api", ApiConfig(model_name=self.group.served_name))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> AppConfig:
+        env = os.environ if env is None else env
+        r = _Reader(env)
+        embedded = EmbeddedConfig(host=r.str("HOST", "127.0.0.1"), port=r.int("PORT", 8000),
+                                  s3_port=r.int("S3_PORT", 8001),
+                                  state_dir=r.str("STATE_DIR", DEFAULT_STATE_DIR),
+                                  local_s3=r.str("ADAPTERS_URI", "") == "",
+                                  seed_model=r.str("MODEL_PATH", "") == "")
+        default_model = str(Path(embedded.state_dir, DEFAULT_MODEL_DIR).resolve())
+        group = GroupSpec(
+            model_path=r.str("MODEL_PATH", default_model), adapters_uri=r.str("ADAPTERS_URI", DEFAULT_ADAPTERS_URI),
+            tp=r.int("TP", 2), model_name=r.str("MODEL_NAME", ""), use_gpu=r.bool("USE_GPU", False),
+            replica_cpus=r.float("REPLICA_CPUS", 0.1), worker_cpus=r.float("WORKER_CPUS", 0.25),
+            max_ongoing_requests=r.int("MAX_ONGOING_REQUESTS", 256),
+            max_adapters_per_group=r.int("MAX_ADAPTERS_PER_GROUP", 4096),
+            engine=tuple(sorted((k[len(ENGINE_PREFIX):].lower(), _scalar(k, v))
+                                for k, v in env.items() if k.startswith(ENGINE_PREFIX))))
+        fixed = r.int("NUM_GROUPS", 0)
+        scaling = ScalingConfig(min_groups=fixed or r.int("MIN_GROUPS", 1),
+                                max_groups=fixed or r.int("MAX_GROUPS", max(1, r.int("MIN_GROUPS", 1))),
+                                target_ongoing_requests=r.float("TARGET_ONGOING_REQUESTS", 32.0))
+        api = ApiConfig(model_name=group.served_name, admin_token=r.str("ADMIN_TOKEN", ""),
+                        max_body_bytes=r.int("MAX_BODY_BYTES", 4 << 20),
+                        max_adapter_labels=r.int("MAX_ADAPTER_LABELS", 100),
+                        ingress_replicas=r.int("INGRESS_REPLICAS", 1))
+        return cls(group=group, scaling=scaling, api=api, embedded=embedded)
+
+
+class _Reader:
+    """Typed reads of BDLORA_* variables; a malformed value names its variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def _raw(self, key: str) -> str | None:
+        v = self.env.get(ENV_PREFIX + key)
+        return None if v is None or v.strip() == "" else v.strip()
+
+    def str(self, key: str, default: str) -> str:
+        v = self._raw(key)
+        return default if v is None else v
+
+    def _parsed(self, key: str, default: Any, parse: Any, what: str) -> Any:
+        v = self._raw(key)
+        try:
+            return default if v is None else parse(v)
+        except ValueError:
+            raise ValueError(f"{ENV_PREFIX}{key}={v!r} is not {what}") from None
+
+    def int(self, key: str, default: int) -> int:
+        return self._parsed(key, default, int, "an integer")
+
+    def float(self, key: str, default: float) -> float:
+        return self._parsed(key, default, float, "a number")
+
+    def bool(self, key: str, default: bool) -> bool:
+        v = self._raw(key)
+        if v is None:
+            return default
+        if v.lower() in ("1", "true", "yes", "on"):
+            return True
+        if v.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{ENV_PREFIX}{key}={v!r} is not a boolean (1/0, true/false)")
+
+
+def _scalar(key: str, value: str) -> int | float | bool | str:
+    """An engine setting from its text: int, then float, then true/false, else the string."""
+    v = value.strip()
+    for parse in (int, float):
+        try:
+            return parse(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    if not v:
+        raise ValueError(f"{key} is empty")
+    return v

@@ -1,0 +1,92 @@
+"""`make run` (`python -m deploy.embedded`): the whole system on this machine.
+
+With nothing configured: a local S3 server (moto) on 127.0.0.1:8001 holding
+demo adapters pushed with `bdlora push`, a tiny random Llama under
+`.bdlora/`, one replica group at TP=2 on CPU, and the OpenAI API on
+http://127.0.0.1:8000, built exactly as `serve run deploy:app` builds it.
+BDLORA_MODEL_PATH / BDLORA_ADAPTERS_URI (deploy/config.py) replace the seeded
+model / local S3 with real ones. Blocks until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+from deploy.config import AppConfig
+from deploy.seed import seed_adapters, write_checkpoint
+
+log = logging.getLogger("deploy.embedded")
+
+APP_NAME = "bdlora"
+
+
+def start_local_s3(port: int) -> tuple[object, dict[str, str]]:
+    """A moto S3 server on 127.0.0.1:`port` and the AWS variables that point clients at it."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        raise SystemExit("the local S3 server needs moto: pip install 'moto[server]' "
+                         "(or set BDLORA_ADAPTERS_URI to a real bucket)") from None
+    # moto would wait forever for a server thread that died on a taken port: check it first.
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise SystemExit(f"port {port} for the local S3 server is taken ({e}); set BDLORA_S3_PORT") from None
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    # Fake credentials: moto accepts any, and real ones must never reach a local test server.
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bdlora-local",
+           "AWS_SECRET_ACCESS_KEY": "bdlora-local", "AWS_DEFAULT_REGION": "us-east-1"}
+    return server, env
+
+
+def prepare(config: AppConfig) -> tuple[AppConfig, object | None]:
+    """Seed what is not configured; returns the config to serve and the local S3 server (or None)."""
+    e, g = config.embedded, config.group
+    if e.seed_model:
+        write_checkpoint(Path(g.model_path))
+    server = None
+    if e.local_s3:
+        server, env = start_local_s3(e.s3_port)
+        os.environ.update(env)  # for the seeding below, in this process
+        names = seed_adapters(Path(g.model_path), Path(e.state_dir, "peft"), g.adapters_uri, g.tp)
+        log.info("local S3 at %s holds %s under %s", env["AWS_ENDPOINT_URL"], ", ".join(names), g.adapters_uri)
+        config = replace(config, group=replace(g, env_vars=tuple(env.items())))  # the groups' stores need it
+    return config, server
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("werkzeug", "botocore"):  # a line per S3 request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config, server = prepare(AppConfig.from_env())
+    import ray
+    from ray import serve
+
+    from deploy import build_app
+
+    e = config.embedded
+    ray.init(_temp_dir=e.ray_temp_dir, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": e.host, "port": e.port})
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        log.info("serving %s and its adapters on http://%s:%d/v1 (Ctrl-C stops)", config.api.model_name,
+                 e.host, e.port)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()

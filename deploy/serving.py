@@ -1,0 +1,168 @@
+"""What a replica group does with one API request, next to its `EngineGroup`.
+
+The ingress parses and validates HTTP; the group side (here) owns the
+tokenizer, so it tokenizes (chat template included), checks the context
+length, runs the request on the engine and, if the consumer goes away before
+the last event (client disconnect: the stream is cancelled or closed), aborts
+it so its sequence stops using the batch and the page pool.
+
+`ErrorInfo` carries a typed error across a process boundary as plain data,
+so the ingress does not depend on how Ray re-raises remote exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from bdlora_ray.errors import BdloraError, InvalidRequest
+from bdlora_ray.request import GenerationRequest, RequestOutput, SamplingParams
+from bdlora_ray.store.manifest import check_name
+
+log = logging.getLogger(__name__)
+
+
+class Group(Protocol):
+    """The part of `bdlora_ray.group.EngineGroup` the serving layer uses."""
+
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+
+    def generate(self, req: GenerationRequest) -> AsyncGenerator[RequestOutput, None]: ...
+    async def abort(self, request_id: str) -> None: ...
+    async def load_adapter(self, name: str) -> None: ...
+    async def unload_adapter(self, name: str) -> None: ...
+    def resident_adapters(self) -> list[str]: ...
+    async def list_adapters(self) -> list[dict]: ...
+    async def stats(self) -> dict: ...
+    async def check_health(self) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """One generation request as the ingress hands it to a group (exactly one prompt field set)."""
+
+    request_id: str
+    adapter: str | None                          # None: the base model
+    params: SamplingParams                       # validated by the ingress
+    text: str | None = None                      # completion prompt
+    token_ids: tuple[int, ...] | None = None     # completion prompt, pre-tokenized
+    messages: tuple[tuple[str, str], ...] | None = None  # chat: (role, content)
+    max_tokens_from_context: bool = False        # chat without max_tokens: the rest of the context
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """A typed error as data: what the API answers with."""
+
+    status: int                  # HTTP status
+    code: str                    # OpenAI-style error code
+    message: str
+    retry_after_s: float | None = None
+
+    @classmethod
+    def of(cls, e: BdloraError) -> ErrorInfo:
+        return cls(e.http_status, e.code, str(e), getattr(e, "retry_after_s", None))
+
+    def error(self) -> ApiError:
+        return ApiError(self)
+
+
+class ApiError(BdloraError):
+    """A typed error re-raised from `ErrorInfo` on the ingress side."""
+
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(info.message)
+        self.http_status, self.code, self.retry_after_s = info.status, info.code, info.retry_after_s
+
+
+class GroupServer:
+    """Serves API requests on one group. `remember(name)`, if given, runs before an adapter request
+    (the Serve replica registers adapter affinity with it and loads the adapter on first use)."""
+
+    def __init__(self, group: Group, remember: Callable[[str], Awaitable[Any]] | None = None) -> None:
+        self.group = group
+        self.remember = remember
+
+    def prepare(self, inp: PromptInput) -> GenerationRequest:
+        """Tokenize and check against the context length; InvalidRequest otherwise."""
+        tok, limit = self.group.tokenizer, self.group.max_model_len
+        if inp.messages is not None:
+            chat = [{"role": r, "content": c} for r, c in inp.messages]
+            # Render then encode without specials: the template already has any BOS it wants.
+            ids = tok.encode(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
+                             add_special_tokens=False)
+        elif inp.text is not None:
+            ids = tok.encode(inp.text)
+        else:
+            ids = list(inp.token_ids or ())
+            if any(not 0 <= t < len(tok) for t in ids):
+                raise InvalidRequest(f"prompt token ids must be in [0, {len(tok)})")
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        room = limit - len(ids)
+        if room < 1:
+            raise InvalidRequest(f"the prompt has {len(ids)} tokens; this model's maximum context length "
+                                 f"is {limit} tokens")
+        params = inp.params
+        if inp.max_tokens_from_context:
+            params = replace(params, max_tokens=room)
+        elif params.max_tokens > room:
+            raise InvalidRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                                 f"exceeds this model's maximum context length of {limit} tokens")
+        return GenerationRequest(inp.request_id, tuple(ids), inp.adapter, params)
+
+    async def generate(self, inp: PromptInput) -> AsyncGenerator[RequestOutput, None]:
+        """Events of one request; typed errors are raised before the first one."""
+        req = self.prepare(inp)
+        if inp.adapter is not None and self.remember is not None:
+            await self.remember(inp.adapter)
+        stream = self.group.generate(req)
+        finished = False
+        try:
+            async for out in stream:
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+            raise RuntimeError(f"engine stream of {req.request_id} ended without a final event")
+        except BdloraError:
+            finished = True  # refused by the engine before it queued anything
+            raise
+        finally:
+            if finished:
+                await stream.aclose()
+            else:
+                # The consumer left early (client disconnect): free the sequence's batch slot and pages.
+                # Shielded: a cancelled caller may be cancelled again at any await; the abort must go out.
+                await asyncio.shield(self._abort(req.request_id, stream))
+
+    async def _abort(self, request_id: str, stream: AsyncGenerator[RequestOutput, None]) -> None:
+        log.info("aborting %s", request_id)
+        try:
+            await self.group.abort(request_id)
+        finally:
+            await stream.aclose()
+
+    async def load_adapter(self, name: str) -> None:
+        check_name(name)
+        if self.remember is not None:
+            await self.remember(name)
+        await self.group.load_adapter(name)  # also after an unload: affinity alone does not load
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.group.unload_adapter(check_name(name))
+
+    async def list_adapters(self) -> list[dict]:
+        return await self.group.list_adapters()
+
+    async def stats(self) -> dict:
+        return await self.group.stats()
+
+    async def check_health(self) -> None:
+        await self.group.check_health()

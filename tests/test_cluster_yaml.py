@@ -1,0 +1,85 @@
+"""cluster.yaml passes Ray's own cluster-config checks, and what it deploys fits its GPU nodes."""
+
+from __future__ import annotations
+
+import copy
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def serve_config() -> dict:
+    return yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+
+
+def test_cluster_yaml_passes_rays_schema_and_checks(cluster):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    # What `ray up` does before launching anything: fill in the provider's defaults, then validate
+    # against ray/autoscaler/ray-schema.json plus Ray's own consistency checks.
+    validate_config(prepare_config(copy.deepcopy(cluster)))
+    assert cluster["provider"]["type"] == "aws"
+
+
+def test_schema_check_is_real(cluster):
+    from jsonschema import ValidationError
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    broken = copy.deepcopy(cluster)
+    broken["available_node_types"]["gpu_8x_a100"]["min_workers"] = "one"
+    with pytest.raises(ValidationError):
+        validate_config(prepare_config(broken))
+
+
+def _gpu_type(cluster: dict) -> dict:
+    (name,) = [n for n, t in cluster["available_node_types"].items() if t.get("resources", {}).get("GPU")]
+    return cluster["available_node_types"][name]
+
+
+def test_worker_type_is_an_autoscaling_8_gpu_node(cluster):
+    head = cluster["available_node_types"][cluster["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    gpu = _gpu_type(cluster)
+    assert gpu["node_config"]["InstanceType"] == "p4d.24xlarge"
+    assert gpu["resources"]["GPU"] == 8
+    assert 0 <= gpu["min_workers"] < gpu["max_workers"] <= cluster["max_workers"]
+
+
+def test_setup_installs_the_package_and_the_head_deploys_the_app(cluster):
+    assert any("pip install" in c and "/home/ray/bdlora-ray" in c for c in cluster["setup_commands"])
+    assert cluster["file_mounts"]["/home/ray/bdlora-ray"] == "."
+    head = " ; ".join(cluster["head_start_ray_commands"])
+    assert "ray start --head" in head and "serve deploy deploy/serve_config.yaml" in head
+    for cmd in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]:
+        shlex.split(cmd)  # well-formed shell words
+
+
+def test_serve_config_is_valid_and_runs_tp8_groups_that_fill_a_gpu_node(cluster, serve_config):
+    from ray.serve.schema import ServeDeploySchema
+
+    from deploy.config import AppConfig
+
+    ServeDeploySchema.model_validate(serve_config)
+    (app,) = serve_config["applications"]
+    assert app["import_path"] == "deploy:app" and app["route_prefix"] == "/"
+    env = app["runtime_env"]["env_vars"]
+    assert all(isinstance(v, str) for v in env.values())  # env vars must be strings
+    config = AppConfig.from_env(env)
+    assert config.group.tp == 8 and config.group.use_gpu
+    config.group.group_config()  # every BDLORA_ENGINE_* is an EngineConfig field
+    bundles = config.group.bundles()
+    node = _gpu_type(cluster)["resources"]
+    assert sum(b.get("GPU", 0) for b in bundles) == node["GPU"] == 8
+    assert sum(b.get("CPU", 0) for b in bundles) <= node["CPU"]
+    # Serve may run as many groups as there are GPU nodes to hold them.
+    assert config.scaling.max_groups <= _gpu_type(cluster)["max_workers"]
