@@ -140,8 +140,7 @@ class Engine:
                 if not self.step():
                     if time.monotonic() - self._last_send > self.config.heartbeat_s:
                         self._send([])
-                    self._wake.wait(timeout=min(0.05 if self._fetching else 1.0, self.config.heartbeat_s))
-                    self._wake.clear()
+                    self.wait_for_work(min(0.05 if self._fetching else 1.0, self.config.heartbeat_s))
         except BaseException as e:  # the ranks may now disagree: fail everything, refuse new work
             log.exception("engine loop died")
             self.dead = e
@@ -153,6 +152,11 @@ class Engine:
                 self.worker.channel.send({"stop": True})
             except Exception:  # other ranks may be gone already
                 log.debug("could not tell the other ranks to stop", exc_info=True)
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Block until something arrives (a request, an abort, a finished fetch) or timeout."""
+        self._wake.wait(timeout=timeout)
+        self._wake.clear()
 
     def step(self) -> bool:
         """Drain the inbox, run at most one forward pass; True if anything happened."""

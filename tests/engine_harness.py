@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -22,19 +23,25 @@ def local_engine(cfg: LlamaConfig, checkpoint: Path, adapters: dict[str, tuple[s
     return Engine(worker, load_tokenizer(checkpoint), config)
 
 
-def run_to_completion(engine: Engine, reqs: list[GenerationRequest], max_steps: int = 10_000,
+def run_to_completion(engine: Engine, reqs: list[GenerationRequest], timeout_s: float = 300,
                       on_step=None) -> dict[str, list[RequestOutput]]:
-    """Submit everything, step the engine (no thread) until every request finished."""
+    """Submit everything, step the engine (no thread) until every request finished.
+
+    `on_step(i, outs)` runs after the i-th step that did work."""
     outs: dict[str, list[RequestOutput]] = {r.request_id: [] for r in reqs}
     for r in reqs:
         engine.submit(r, outs[r.request_id].append)
-    for i in range(max_steps):
-        if all(o and o[-1].finished for o in outs.values()):
-            return outs
-        engine.step()
+    deadline, i = time.monotonic() + timeout_s, 0
+    while not all(o and o[-1].finished for o in outs.values()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not finished after {timeout_s} s")
+        if not engine.step():
+            engine.wait_for_work(0.1)  # e.g. an adapter fetch in the background
+            continue
         if on_step is not None:
             on_step(i, outs)
-    raise AssertionError(f"not finished after {max_steps} steps")
+        i += 1
+    return outs
 
 
 def tokens(events: list[RequestOutput]) -> list[int]:
