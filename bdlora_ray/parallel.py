@@ -48,12 +48,18 @@ def _merge_gathered(h: Tensor, gathered: Tensor, batch: LoraBatch, g: GroupMeta)
     return h
 
 
-class ColumnParallelLinear(nn.Module):
+class _ParallelLinear(nn.Module):
+    """A linear holding this rank's slice of the weight; `group` names its LoRA targets."""
+
     def __init__(self, in_features: int, out_features: int, comm: Comm, ctx: LoraContext,
                  group: str, layer: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)  # local rows
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.comm, self.ctx, self.group, self.layer = comm, ctx, group, layer
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """Weight: this rank's output rows."""
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight)  # (T, out_local)
@@ -67,12 +73,8 @@ class ColumnParallelLinear(nn.Module):
         return y
 
 
-class RowParallelLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, comm: Comm, ctx: LoraContext,
-                 group: str, layer: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)  # local cols
-        self.comm, self.ctx, self.group, self.layer = comm, ctx, group, layer
+class RowParallelLinear(_ParallelLinear):
+    """Weight: this rank's input columns."""
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight)  # (T, out) partial sum over ranks
