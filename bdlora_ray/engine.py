@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from bdlora_ray.errors import BdloraError, InvalidRequest, Overloaded, PoolExhausted, ReplicaGroupFailed
+from bdlora_ray.errors import AdapterInUse, BdloraError, InvalidRequest, Overloaded, PoolExhausted, ReplicaGroupFailed
 from bdlora_ray.request import GenerationRequest, RequestOutput
 from bdlora_ray.sampling import make_generator, sample
 from bdlora_ray.scheduler import PoolLog, Scheduler, Sequence
@@ -244,7 +244,7 @@ class Engine:
         if name not in self.pool:
             done.set_result(False)
         elif self.pool.adapter(name).refcount:
-            done.set_exception(InvalidRequest(f"adapter {name!r} is in use by running requests"))
+            done.set_exception(AdapterInUse(f"adapter {name!r} is in use by running requests"))
         else:
             self.log("evict_adapter", name)
             done.set_result(True)

@@ -35,6 +35,13 @@ class AdapterUnavailable(BdloraError):
     retry_after_s = 5
 
 
+class AdapterInUse(BdloraError):
+    """An adapter cannot be unloaded while running requests use it."""
+
+    http_status = 409
+    code = "adapter_in_use"
+
+
 class PoolExhausted(BdloraError):
     """The unified page pool has no free (or evictable) pages for a request."""
 

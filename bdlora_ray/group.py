@@ -10,6 +10,7 @@ rank per adapter load).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import socket
@@ -216,7 +217,9 @@ class EngineGroup:
         store_config = StoreConfig(uri=config.adapters_uri, model=cfg, tp=config.tp,
                                    max_rank=config.engine.max_lora_rank, cache_bytes=config.store_cache_bytes,
                                    check_base_name=False)
-        store_name = config.store_name or f"adapter-store-{cfg.name}-tp{config.tp}"
+        # One store per (location, model, TP) in the cluster, shared by that model's groups.
+        where = hashlib.sha256(config.adapters_uri.encode()).hexdigest()[:12]
+        store_name = config.store_name or f"adapter-store-{cfg.name}-tp{config.tp}-{where}"
         self.store = AdapterStoreActor.options(name=store_name, namespace=STORE_NAMESPACE, get_if_exists=True,
                                                lifetime="detached",
                                                runtime_env={"env_vars": _worker_env()}).remote(store_config)

@@ -10,7 +10,7 @@ import torch
 
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.engine import EngineConfig
-from bdlora_ray.errors import InvalidRequest, Overloaded
+from bdlora_ray.errors import AdapterInUse, InvalidRequest, Overloaded
 from bdlora_ray.request import GenerationRequest, SamplingParams
 from bdlora_ray.sampling import make_generator, sample_row
 from bdlora_ray.tokenizer import save_byte_tokenizer
@@ -187,7 +187,7 @@ def test_unload_evicts_idle_adapter_only(files):
     assert engine.pool.adapter("small").refcount == 1
     busy = engine.unload("small")
     engine.step()
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(AdapterInUse):
         busy.result(timeout=5)
 
 
