@@ -1,0 +1,108 @@
+"""(a) bd vs slora vs replicated at TP=2, at equal adapter parameter counts, through the HTTP server.
+
+One server holds three sets of adapters: ordinary LoRAs of rank r pushed
+`--mode slora` and the same LoRAs pushed `--mode replicated`, and BD-LoRAs
+(nblocks = TP) of the rank r_bd whose parameter count is closest to the
+LoRA's (a BD factor has 1/N of its block's entries, so r_bd > r; the counts
+are computed from the adapters' tensor shapes and printed). The same seeded
+open-loop workload runs against each set in turn (ABC then CBA order to
+spread drift on a shared machine); throughput and latency per mode, and
+bd / slora, bd / replicated throughput ratios.
+
+Anchor: the BD-LoRA paper (arXiv 2510.23346) reports 1.3x-1.8x end-to-end
+speed-ups over S-LoRA sharding on 8xA100 (1.63x Llama-3.1-8B, 1.79x 70B) at
+similar parameter counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from bdlora_ray.lora.layout import COLUMN_TARGETS, TARGETS
+from bench import compare, runner
+from deploy.seed import TINY, DemoAdapter
+
+NAME = "modes"
+HELP = "(a) bd vs slora vs replicated at TP=2 at equal adapter parameter counts"
+ANCHOR = "BD-LoRA paper: 1.3x-1.8x over S-LoRA sharding (8xA100; 1.63x 8B, 1.79x 70B)"
+MODES = ("bd", "slora", "replicated")
+
+
+def adapter_params(rank: int, nblocks: int | None, cfg=TINY) -> int:
+    """Parameters of one adapter on every target of every layer, from the shapes PEFT saves: A (r, d_in),
+    B (d_out, r); with BD-LoRA's nblocks = N, B of a column layer is (d_out, r/N) and A of a row
+    layer (r, d_in/N)."""
+    n = nblocks or 1
+    per_layer = 0
+    for t in TARGETS:
+        column = t in COLUMN_TARGETS
+        per_layer += rank * (cfg.in_features(t) // (1 if column else n))   # A
+        per_layer += cfg.out_features(t) * (rank // n if column else rank)  # B
+    return cfg.num_layers * per_layer
+
+
+def equal_param_rank(lora_rank: int, tp: int, cfg=TINY) -> int:
+    """The BD-LoRA rank (a multiple of tp) whose parameter count is closest to a rank-`lora_rank` LoRA's."""
+    target = adapter_params(lora_rank, None, cfg)
+    candidates = range(tp, 8 * lora_rank + 1, tp)
+    return min(candidates, key=lambda r: (abs(adapter_params(r, tp, cfg) - target), r))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=2, help="TP degree (N blocks of BD-LoRA)")
+    p.add_argument("--adapters", type=int, default=16, help="distinct adapters per mode")
+    p.add_argument("--lora-rank", type=int, default=16, help="rank r of the ordinary LoRAs (slora, replicated)")
+    p.add_argument("--bd-rank", type=int, default=None, help="rank of the BD-LoRAs (default: equal parameters)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per mode (ABC CBA ... order)")
+    p.add_argument("--pages", type=int, default=4096, help="pages per layer of each rank's unified pool")
+    compare.add_workload_arguments(p, requests=96, rate=24.0)
+
+
+def run(args: argparse.Namespace) -> dict:
+    bd_rank = args.bd_rank or equal_param_rank(args.lora_rank, args.tp)
+    params = {"bd": adapter_params(bd_rank, args.tp), "lora": adapter_params(args.lora_rank, None)}
+    adapters = []
+    for k in range(args.adapters):
+        adapters.append(DemoAdapter(f"bd-{k}", bd_rank, True, "bd", seed=1000 + k))
+        for mode in ("slora", "replicated"):  # the same LoRA, sharded two ways
+            adapters.append(DemoAdapter(f"{mode}-{k}", args.lora_rank, False, mode, seed=2000 + k))
+    server = compare.ServerConfig(tp=args.tp, engine=(("max_model_len", 256), ("num_pages", args.pages)))
+    order = [m for i in range(args.repeats) for m in (MODES if i % 2 == 0 else MODES[::-1])]
+    runs: dict[str, list] = {m: [] for m in MODES}
+    with tempfile.TemporaryDirectory(prefix="bench-modes-") as d, \
+            compare.local_server(Path(d), adapters, server, args.progress) as served:
+        compare.warm_up(served, [a.name for a in adapters], args.progress)
+        for i, mode in enumerate(order):
+            reqs = compare.workload(args, args.adapters, prefix=mode)
+            runs[mode].append(runner.run(reqs, compare.runner_config(args, served, f"{mode} ({i + 1}/{len(order)})")))
+    merged = {m: runner.merge(rs, m, compare.slo(args)) for m, rs in runs.items()}
+    tps = {m: r.summary["tokens_per_s"] for m, r in merged.items()}
+    return {
+        "comparison": NAME, "anchor": ANCHOR,
+        "config": {"tp": args.tp, "adapters_per_mode": args.adapters, "lora_rank": args.lora_rank,
+                   "bd_rank": bd_rank, "params_per_adapter": params, "repeats": args.repeats,
+                   "requests": args.requests, "rate": args.rate, "cv": args.cv, "alpha": args.alpha,
+                   "input_len": args.input_len, "output_len": args.output_len, "pages": args.pages,
+                   "model": "tiny (deploy.seed.TINY)", "device": "cpu"},
+        "runs": [{"name": m, "rank": bd_rank if m == "bd" else args.lora_rank,
+                  "params": params["bd" if m == "bd" else "lora"], **merged[m].to_dict()} for m in MODES],
+        "per_repeat_tokens_per_s": {m: [r.summary["tokens_per_s"] for r in rs] for m, rs in runs.items()},
+        "ratios": {"bd / slora": tps["bd"] / tps["slora"], "bd / replicated": tps["bd"] / tps["replicated"]},
+    }
+
+
+def report(result: dict) -> list[str]:
+    c = result["config"]
+    p = c["params_per_adapter"]
+    lines = [f"TP={c['tp']}, {c['adapters_per_mode']} adapters per mode: LoRA rank {c['lora_rank']} "
+             f"({p['lora']:,} params) vs BD-LoRA rank {c['bd_rank']} ({p['bd']:,} params, "
+             f"{p['bd'] / p['lora']:.3f}x); {c['requests']} requests at {c['rate']} req/s x {c['repeats']} repeats",
+             ""]
+    lines += compare.run_table(result["runs"], "mode")
+    r = result["ratios"]
+    lines += ["", f"anchor: {result['anchor']}",
+              f"bd / replicated throughput: {r['bd / replicated']:.2f}x",
+              f"bd / slora throughput: {r['bd / slora']:.2f}x"]
+    return lines
