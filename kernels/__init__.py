@@ -66,6 +66,17 @@ def lora_segments(idx: Tensor, block_m: int = 16, num_slots: int | None = None) 
     return importlib.import_module("kernels.lora_shrink_op").lora_segments(idx, block_m, num_slots)
 
 
+def plan_segments(idx: Tensor, num_slots: int, backend: str | None = None) -> Segments | None:
+    """What one step's kernels share: the rows grouped by slot, when the batch is
+    large enough for the Triton kernels' sorted launch (None otherwise, and for
+    the torch backends). Compute once per step, pass as `segments=` to every layer."""
+    if resolve_backend(backend, idx) != "triton":
+        return None
+    op = importlib.import_module("kernels.lora_shrink_op")
+    block_m = op.sorted_block_m(idx.numel(), None)
+    return None if block_m is None else op.lora_segments(idx, block_m, num_slots)
+
+
 def lora_shrink(
     x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, a_offset: Tensor, rank: Tensor,
     max_rank: int, *, backend: str | None = None, segments: Segments | None = None,
@@ -97,5 +108,5 @@ def lora_expand(
     return impl(h, pool, page_table, idx, b_offset, rank, out_start, out_len, scale, y, segments=segments)
 
 
-__all__ = ["BACKENDS", "get_backend", "lora_expand", "lora_segments", "lora_shrink",
+__all__ = ["BACKENDS", "get_backend", "lora_expand", "lora_segments", "lora_shrink", "plan_segments",
            "resolve_backend", "set_backend"]

@@ -8,9 +8,12 @@ assignment (its page ids and its slice offsets are its own).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+
+import kernels
 
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.lora.layout import AdapterLayout
@@ -68,6 +71,7 @@ class LoraBatch:
     scale: Tensor                # (S,) float32
     pool: Tensor                 # (num_layers, num_pages, P): this rank's unified pool
     groups: dict[str, GroupMeta]
+    segments: Any = None         # rows grouped by slot for the Triton kernels, shared by every layer
 
     @classmethod
     def build(cls, slots: list[AdapterSlot], idx: Tensor, pool: Tensor, cfg: LlamaConfig,
@@ -82,7 +86,8 @@ class LoraBatch:
             scale[a] = slot.meta.scale
         idx = idx.to(torch.int32)
         groups = {g: cls._group(g, slots, idx, cfg, tp_rank, tp, S, device) for g in GROUPS}
-        return cls(idx.to(device), page_table.to(device), scale.to(device), pool, groups)
+        idx = idx.to(device)
+        return cls(idx, page_table.to(device), scale.to(device), pool, groups, kernels.plan_segments(idx, S))
 
     @staticmethod
     def _group(group: str, slots: list[AdapterSlot], idx: Tensor, cfg: LlamaConfig,
