@@ -28,11 +28,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.engine import Engine, EngineConfig
-from bdlora_ray.errors import ReplicaGroupFailed, error_from_name
+from bdlora_ray.errors import AdapterInvalid, ReplicaGroupFailed, error_from_name
 from bdlora_ray.memory import PoolConfig
 from bdlora_ray.request import GenerationRequest, RequestOutput
 from bdlora_ray.store.actor import AdapterStoreActor, StoreConfig
 from bdlora_ray.store.manifest import check_name
+from bdlora_ray.store.s3 import S3Config
 from bdlora_ray.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class GroupConfig:
     worker_cpus: float = 0.5             # CPUs per worker bundle when use_gpu is False
     store_cache_bytes: int = 2 << 30     # host cache of the adapter store
     store_name: str = ""                 # share one named store actor between groups ("" -> per model)
+    s3: S3Config = S3Config()            # retries and timeouts of the store's S3 calls
 
     @property
     def served_name(self) -> str:
@@ -58,6 +60,13 @@ class GroupConfig:
 
     def model_config(self) -> LlamaConfig:
         return LlamaConfig.from_json(self.model_path, name=self.served_name)
+
+
+def store_actor_name(config: GroupConfig) -> str:
+    """The adapter-store actor's name (namespace STORE_NAMESPACE): one store per (location, model,
+    TP) in the cluster, shared by that model's groups, unless `config.store_name` names one."""
+    where = hashlib.sha256(config.adapters_uri.encode()).hexdigest()[:12]
+    return config.store_name or f"adapter-store-{config.served_name}-tp{config.tp}-{where}"
 
 
 def unwrap(e: BaseException) -> BaseException:
@@ -94,6 +103,7 @@ class TPWorkerActor:
         self.calls: Counter[str] = Counter()
         self.worker = None
         self.engine: Engine | None = None
+        self.store: Any = None
         self._executor = ThreadPoolExecutor(max_workers=4)
 
     def _count(self, method: str) -> None:
@@ -107,6 +117,11 @@ class TPWorkerActor:
         self._count("rendezvous")
         return f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
 
+    async def info(self) -> dict:
+        """Where this rank runs (operators and fault-injection tests find its process by it)."""
+        self._count("info")
+        return {"rank": self.rank, "pid": os.getpid(), "node_ip": ray.util.get_node_ip_address()}
+
     async def setup(self, init_method: str, store: Any) -> None:
         self._count("setup")
         await asyncio.get_running_loop().run_in_executor(self._executor, self._setup, init_method, store)
@@ -118,6 +133,7 @@ class TPWorkerActor:
         from bdlora_ray.worker import StepChannel, TPWorker
 
         c = self.config
+        self.store = store
         torch.set_num_threads(max(1, int(c.worker_cpus)) if not c.use_gpu else 4)
         comm = init_distributed(self.rank, c.tp, init_method)
         # Step messages travel on a CPU group of their own; idle ranks wait in it between steps.
@@ -142,6 +158,11 @@ class TPWorkerActor:
         self._count("fetch_adapter")
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.worker.fetch_adapter, name)
 
+    async def forget_adapter(self, name: str) -> None:
+        """Drop a fetched shard that will not be loaded (another rank's fetch failed)."""
+        self._count("forget_adapter")
+        self.worker.host.pop(name, None)
+
     # ---- rank 0 -------------------------------------------------------------------
 
     async def start_engine(self, peers: list) -> None:
@@ -149,11 +170,30 @@ class TPWorkerActor:
 
         def fetch_everywhere(name: str) -> int:
             refs = [p.fetch_adapter.remote(name) for p in peers]  # the other ranks, concurrently
-            n = self.worker.fetch_adapter(name)
+            errors, n = [], 0
             try:
-                return n + sum(ray.get(refs))
-            except ray.exceptions.RayTaskError as e:
-                raise unwrap(e) from None
+                n = self.worker.fetch_adapter(name)
+            except Exception as e:
+                errors.append(e)
+            for ref in refs:  # every rank's outcome, so that none keeps a shard that will not be loaded
+                try:
+                    n += ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    errors.append(unwrap(e))
+                except ray.exceptions.RayActorError as e:
+                    errors.append(ReplicaGroupFailed(f"a TP worker died while fetching {name!r}: {type(e).__name__}"))
+            if errors:  # every fetch has ended: nothing re-adds what is dropped here
+                self.worker.host.pop(name, None)
+                try:
+                    ray.get([p.forget_adapter.remote(name) for p in peers])
+                    if any(isinstance(e, AdapterInvalid) for e in errors):
+                        # A rank that reached the store after the failure may have cached a good shard
+                        # (and the manifest) of this broken adapter: keep nothing of it.
+                        ray.get(self.store.invalidate.remote(name))
+                except ray.exceptions.RayError:
+                    log.warning("could not drop every copy of failed adapter %s", name, exc_info=True)
+                raise errors[0]
+            return n
 
         fetch = (lambda name: self._executor.submit(fetch_everywhere, name)) if peers else None
         tokenizer = load_tokenizer(self.config.model_path)
@@ -216,11 +256,9 @@ class EngineGroup:
         cfg.check_tp(config.tp)
         store_config = StoreConfig(uri=config.adapters_uri, model=cfg, tp=config.tp,
                                    max_rank=config.engine.max_lora_rank, cache_bytes=config.store_cache_bytes,
-                                   check_base_name=False)
-        # One store per (location, model, TP) in the cluster, shared by that model's groups.
-        where = hashlib.sha256(config.adapters_uri.encode()).hexdigest()[:12]
-        store_name = config.store_name or f"adapter-store-{cfg.name}-tp{config.tp}-{where}"
-        self.store = AdapterStoreActor.options(name=store_name, namespace=STORE_NAMESPACE, get_if_exists=True,
+                                   check_base_name=False, s3=config.s3)
+        self.store = AdapterStoreActor.options(name=store_actor_name(config), namespace=STORE_NAMESPACE,
+                                               get_if_exists=True,
                                                lifetime="detached",
                                                runtime_env={"env_vars": _worker_env()}).remote(store_config)
         pg = placement_group or get_current_placement_group()
@@ -251,6 +289,7 @@ class EngineGroup:
         ray.get([w.setup.remote(init, self.store) for w in self.workers])
         self._followers = [w.serve_forever.remote() for w in self.workers[1:]]
         ray.get(self.workers[0].start_engine.remote(self.workers[1:]))
+        self.worker_info = ray.get([w.info.remote() for w in self.workers])
         self._resident.clear()
 
     async def _failure(self) -> str | None:
@@ -334,9 +373,15 @@ class EngineGroup:
         self._resident.add(name)
 
     async def unload_adapter(self, name: str) -> None:
+        """Evict it from the pool and the store's host cache: the next use reads S3 again (a re-pushed
+        adapter is served in its new version, a deleted one is not found)."""
         check_name(name)
-        await self.workers[0].unload_adapter.remote(name)
+        try:
+            await self.workers[0].unload_adapter.remote(name)
+        except ray.exceptions.RayTaskError as e:
+            raise unwrap(e) from None
         self._resident.discard(name)
+        await self.store.invalidate.remote(name)
 
     def resident_adapters(self) -> list[str]:
         return sorted(self._resident)
@@ -349,6 +394,7 @@ class EngineGroup:
         s = await self.workers[0].stats.remote()
         self._resident = set(s["resident_adapters"])
         s["store"] = await self.store.stats.remote()
+        s["workers"] = self.worker_info
         return s
 
     async def worker_call_counts(self) -> list[dict[str, int]]:
@@ -391,4 +437,4 @@ def _worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keep if k in os.environ}
 
 
-__all__ = ["EngineGroup", "GroupConfig", "TPWorkerActor", "bundles"]
+__all__ = ["EngineGroup", "GroupConfig", "TPWorkerActor", "bundles", "store_actor_name"]

@@ -4,9 +4,9 @@ The baseline is what one writes without a serving system: every adapter
 loaded into one `PeftModel`, then requests served one at a time in arrival
 order, `set_adapter(name)` then `generate` (greedy, exactly max_tokens
 tokens), each request starting at its arrival time or when the previous one
-ends. It runs in this process after our server has been shut down, with as
-many torch threads as our TP workers have cores together (`--peft-threads`),
-and is timed the same way: TTFT from the scheduled arrival to the first
+ends. It runs in this process before our server starts, with as many
+torch threads as our TP workers have cores together (`--peft-threads`), and
+is timed the same way: TTFT from the scheduled arrival to the first
 generated token (a streamer's timestamps), per-token latency after it.
 Our server gets the identical requests over HTTP (the adapters warmed into
 host memory first, as the baseline has them in memory too).
@@ -48,22 +48,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     adapters = [DemoAdapter(f"p-{k}", args.rank, args.mode == "bd", args.mode, seed=k) for k in range(args.adapters)]
-    server = compare.ServerConfig(tp=args.tp, engine=(("max_model_len", 256), ("num_pages", args.pages)))
+    server = compare.server_config(args, num_pages=args.pages)
     reqs = compare.workload(args, args.adapters, prefix="p")
     with tempfile.TemporaryDirectory(prefix="bench-peft-") as d:
+        # The baseline first, while nothing else of ours runs (a Ray cluster takes a while to wind down).
+        model_dir, peft_dirs = compare.write_files(Path(d), adapters, args.tp, args.model)
+        peft = run_peft(reqs, model_dir, peft_dirs, compare.slo(args), args.peft_threads, args.time_limit,
+                        args.progress)
         with compare.local_server(Path(d), adapters, server, args.progress) as served:
             compare.warm_up(served, [a.name for a in adapters], args.progress)
             ours = runner.run(reqs, compare.runner_config(args, served, "bdlora-ray"))
-        # The server is down: the baseline has the machine to itself.
-        peft = run_peft(reqs, served.model_dir, served.peft_dirs, compare.slo(args), args.peft_threads,
-                        args.time_limit, args.progress)
     ratio = ours.summary["tokens_per_s"] / peft.summary["tokens_per_s"]
     return {
         "comparison": NAME, "anchor": ANCHOR,
         "config": {"tp": args.tp, "adapters": args.adapters, "rank": args.rank, "mode": args.mode,
                    "peft_threads": args.peft_threads, "requests": args.requests, "rate": args.rate, "cv": args.cv,
                    "alpha": args.alpha, "input_len": args.input_len, "output_len": args.output_len,
-                   "model": "tiny (deploy.seed.TINY)", "device": "cpu"},
+                   "model": compare.model_info(args), "device": "cpu"},
         "runs": [{"name": f"bdlora-ray (TP={args.tp}, {args.mode}, HTTP)", **ours.to_dict()},
                  {"name": "HF PEFT (set_adapter + generate, in process)", **peft.to_dict()}],
         "ratios": {"bdlora-ray / PEFT throughput": ratio},

@@ -46,7 +46,7 @@ def _request(i: int, adapter: str | None, args: argparse.Namespace) -> Request:
 
 def run(args: argparse.Namespace) -> dict:
     adapters = [DemoAdapter(f"c-{k}", args.rank, True, "bd", seed=k) for k in range(args.adapters)]
-    server = compare.ServerConfig(tp=args.tp, engine=(("max_model_len", 256),))
+    server = compare.server_config(args)
     records: dict[str, list] = {c: [] for c in CASES}
     with tempfile.TemporaryDirectory(prefix="bench-cold-") as d, \
             compare.local_server(Path(d), adapters, server, args.progress) as served:
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
         "comparison": NAME, "anchor": ANCHOR,
         "config": {"tp": args.tp, "adapters": args.adapters, "rank": args.rank, "mode": "bd",
                    "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
-                   "model": "tiny (deploy.seed.TINY)", "device": "cpu", "s3": "moto on 127.0.0.1"},
+                   "model": compare.model_info(args), "device": "cpu", "s3": "moto on 127.0.0.1"},
         "runs": rows,
         "ratios": {"cold / warm (p50 TTFT)": by["cold"] / by["warm"], "host / warm (p50 TTFT)": by["host"] / by["warm"]},
     }

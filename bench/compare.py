@@ -38,7 +38,8 @@ from unittest import mock
 import httpx
 from tqdm import tqdm
 
-from deploy.seed import DemoAdapter
+from bdlora_ray.config import LlamaConfig
+from deploy.seed import TINY, DemoAdapter
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,13 @@ PLOT_DIR = Path(__file__).parent / "plots"
 BUCKET = "bdlora-bench"
 ADAPTERS_URI = f"s3://{BUCKET}/adapters"
 APP_NAME = "bdlora-bench"
+# Base models (random weights, byte tokenizer): `tiny` is the embedded default's; `small` has 16x the
+# weights per layer, so that a forward pass is bound by reading weights as decoding on a GPU is.
+MODELS: dict[str, LlamaConfig] = {
+    "tiny": TINY,
+    "small": TINY.with_(name="small", hidden_size=1024, intermediate_size=2816, num_layers=4, num_heads=16,
+                        num_kv_heads=8, head_dim=64),
+}
 
 # A local throwaway cluster needs no auth token (and must not write one under ~/.ray).
 _RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
@@ -54,6 +62,7 @@ _RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
 
 @dataclass(frozen=True)
 class ServerConfig:
+    model: str = "tiny"                          # a name in MODELS
     tp: int = 2                                  # TP degree of the one replica group
     worker_cpus: float = 0.5                     # Ray CPUs per TP worker (one torch thread each)
     replica_cpus: float = 0.1
@@ -115,25 +124,45 @@ def local_s3(timeout_s: float = 60.0) -> Iterator[dict[str, str]]:
             proc.kill()
 
 
+def peft_dir(model_dir: Path, peft_root: Path, spec: DemoAdapter, tp: int) -> Path:
+    """`spec` as a PEFT adapter directory of random weights (BD-LoRA with nblocks = tp if it is
+    block-diagonal); kept if already written."""
+    from bdlora_ray.config import LlamaConfig
+    from bdlora_ray.synthetic import random_adapter, write_peft_adapter
+
+    path = peft_root / spec.name
+    if not (path / "adapter_config.json").is_file():
+        cfg = LlamaConfig.from_json(model_dir)
+        adapter = random_adapter(cfg, spec.rank, nblocks=tp if spec.block_diagonal else None, seed=spec.seed,
+                                 name=spec.name)
+        write_peft_adapter(adapter, path)
+    return path
+
+
+def write_files(workdir: Path, specs: Sequence[DemoAdapter], tp: int, model: str = "tiny"
+                ) -> tuple[Path, dict[str, Path]]:
+    """The checkpoint (deploy.seed) and every adapter's PEFT directory under `workdir` (kept if there)."""
+    from deploy.seed import write_checkpoint
+
+    model_dir = write_checkpoint(workdir / f"{model}-llama", MODELS[model])
+    return model_dir, {a.name: peft_dir(model_dir, workdir / "peft", a, tp) for a in specs}
+
+
 def push_adapters(model_dir: Path, peft_root: Path, specs: Sequence[DemoAdapter], tp: int, uri: str = ADAPTERS_URI,
                   workers: int = 8, progress: bool = True) -> dict[str, Path]:
-    """Write each adapter as a PEFT directory and push it with `bdlora push`'s function, `workers` at a
-    time over one S3 client (making a client costs more than uploading a tiny adapter)."""
+    """Each adapter's PEFT directory (written if missing), pushed with `bdlora push`'s function,
+    `workers` at a time over one S3 client (making a client costs more than uploading a tiny adapter)."""
     from bdlora_ray.cli import push_adapter
-    from bdlora_ray.config import LlamaConfig
     from bdlora_ray.store.s3 import AdapterBucket
-    from bdlora_ray.synthetic import random_adapter, write_peft_adapter
     from deploy.seed import ensure_bucket
 
-    cfg = LlamaConfig.from_json(model_dir)
     ensure_bucket(uri)
     bucket = AdapterBucket(uri)
 
     def one(a: DemoAdapter) -> Path:
-        adapter = random_adapter(cfg, a.rank, nblocks=tp if a.block_diagonal else None, seed=a.seed, name=a.name)
-        peft_dir = write_peft_adapter(adapter, peft_root / a.name)
-        push_adapter(peft_dir, f"{uri.rstrip('/')}/{a.name}", tp, a.mode, str(model_dir), bucket=bucket)
-        return peft_dir
+        path = peft_dir(model_dir, peft_root, a, tp)
+        push_adapter(path, f"{uri.rstrip('/')}/{a.name}", tp, a.mode, str(model_dir), bucket=bucket)
+        return path
 
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(specs), desc="push adapters", unit="adapter",
                                                     disable=not progress, leave=False) as bar:
@@ -153,12 +182,10 @@ def local_server(workdir: Path, adapters: Sequence[DemoAdapter], server: ServerC
 
     from deploy import build_app
     from deploy.config import AppConfig, GroupSpec, ScalingConfig
-    from deploy.seed import write_checkpoint
-
     for name in ("ray", "ray.serve", "werkzeug", "botocore", "urllib3", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     with local_s3() as s3_env:
-        model_dir = write_checkpoint(workdir / "tiny-llama")
+        model_dir, _ = write_files(workdir, (), server.tp, server.model)
         t = time.monotonic()
         peft_dirs = push_adapters(model_dir, workdir / "peft", adapters, server.tp, workers=server.push_workers,
                                   progress=progress)
@@ -278,6 +305,18 @@ def slo(args: argparse.Namespace) -> Any:
     return SLO(args.slo_ttft, args.slo_tpot)
 
 
+def server_config(args: argparse.Namespace, **engine: Any) -> ServerConfig:
+    """The comparison's server: its model and TP degree, max_model_len 256, and `engine` settings."""
+    return ServerConfig(model=args.model, tp=args.tp,
+                        engine=tuple(sorted({"max_model_len": 256, **engine}.items())))
+
+
+def model_info(args: argparse.Namespace) -> str:
+    c = MODELS[args.model]
+    return (f"{args.model} (random Llama: hidden {c.hidden_size}, {c.num_layers} layers, {c.num_heads} heads, "
+            f"intermediate {c.intermediate_size}, vocab {c.vocab_size})")
+
+
 def runner_config(args: argparse.Namespace, served: Served, label: str) -> Any:
     from bench.runner import RunnerConfig
 
@@ -356,6 +395,8 @@ def build_parser(prog: str = "python -m bench.compare") -> argparse.ArgumentPars
         mod.add_arguments(sp)
         sp.add_argument("--json", type=Path, default=OUT_DIR / f"{name}.json", help="where to write the result")
         sp.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+        sp.add_argument("--model", choices=sorted(MODELS), default="tiny",
+                        help="base model: tiny (hidden 256, 2 layers) or small (hidden 1024, 4 layers)")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
         sp.add_argument("-v", "--verbose", action="store_true", help="INFO logging")

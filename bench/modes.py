@@ -61,14 +61,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    bd_rank = args.bd_rank or equal_param_rank(args.lora_rank, args.tp)
-    params = {"bd": adapter_params(bd_rank, args.tp), "lora": adapter_params(args.lora_rank, None)}
+    cfg = compare.MODELS[args.model]
+    bd_rank = args.bd_rank or equal_param_rank(args.lora_rank, args.tp, cfg)
+    params = {"bd": adapter_params(bd_rank, args.tp, cfg), "lora": adapter_params(args.lora_rank, None, cfg)}
     adapters = []
     for k in range(args.adapters):
         adapters.append(DemoAdapter(f"bd-{k}", bd_rank, True, "bd", seed=1000 + k))
         for mode in ("slora", "replicated"):  # the same LoRA, sharded two ways
             adapters.append(DemoAdapter(f"{mode}-{k}", args.lora_rank, False, mode, seed=2000 + k))
-    server = compare.ServerConfig(tp=args.tp, engine=(("max_model_len", 256), ("num_pages", args.pages)))
+    server = compare.server_config(args, num_pages=args.pages)
     order = [m for i in range(args.repeats) for m in (MODES if i % 2 == 0 else MODES[::-1])]
     runs: dict[str, list] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory(prefix="bench-modes-") as d, \
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
                    "bd_rank": bd_rank, "params_per_adapter": params, "repeats": args.repeats,
                    "requests": args.requests, "rate": args.rate, "cv": args.cv, "alpha": args.alpha,
                    "input_len": args.input_len, "output_len": args.output_len, "pages": args.pages,
-                   "model": "tiny (deploy.seed.TINY)", "device": "cpu"},
+                   "model": compare.model_info(args), "device": "cpu"},
         "runs": [{"name": m, "rank": bd_rank if m == "bd" else args.lora_rank,
                   "params": params["bd" if m == "bd" else "lora"], **merged[m].to_dict()} for m in MODES],
         "per_repeat_tokens_per_s": {m: [r.summary["tokens_per_s"] for r in rs] for m, rs in runs.items()},

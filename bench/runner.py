@@ -182,6 +182,9 @@ async def _one(client: httpx.AsyncClient, req: Request, rec: RequestRecord, cfg:
                 rec.error = "no tokens"
     except httpx.HTTPError as e:
         rec.error = type(e).__name__
+    except Exception as e:  # a malformed answer: count it, keep the run going
+        log.warning("request %d: %s: %s", req.index, type(e).__name__, e)
+        rec.error = f"client {type(e).__name__}"
 
 
 def _error_code(body: str) -> str:

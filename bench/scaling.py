@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> dict:
     if not counts or counts[0] < 1:
         raise ValueError(f"--counts must be positive integers, got {args.counts!r}")
     adapters = [DemoAdapter(f"s-{k}", args.rank, True, "bd", seed=k) for k in range(max(counts))]
-    server = compare.ServerConfig(tp=args.tp, engine=(("max_model_len", 256), ("num_pages", args.pages)))
+    server = compare.server_config(args, num_pages=args.pages)
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as d, \
             compare.local_server(Path(d), adapters, server, args.progress) as served:
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": {"tp": args.tp, "counts": counts, "rank": args.rank, "mode": "bd", "pages": args.pages,
                    "requests": args.requests, "rate": args.rate, "cv": args.cv, "alpha": args.alpha,
                    "input_len": args.input_len, "output_len": args.output_len,
-                   "model": "tiny (deploy.seed.TINY)", "device": "cpu"},
+                   "model": compare.model_info(args), "device": "cpu"},
         "runs": runs,
         "ratios": {f"{r['name']} / base model": r["vs_base"] for r in runs[1:]},
     }

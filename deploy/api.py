@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bdlora_ray.errors import BdloraError
+from bdlora_ray.errors import BdloraError, error_from_name
 from bdlora_ray.request import RequestOutput
 from bdlora_ray.store.manifest import check_name
 from deploy.config import ApiConfig
@@ -84,6 +84,11 @@ def _validation_error(_: Request, e: Exception) -> JSONResponse:
     assert isinstance(e, RequestValidationError)
     errors = e.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":  # its loc is ("body", byte offset), not a field
+        loc = first.get("loc", ())
+        where = f" at byte {loc[-1]}" if len(loc) > 1 else ""
+        why = first.get("ctx", {}).get("error", "JSON decode error")
+        return error_response(400, f"the request body is not valid JSON ({why}{where})", "invalid_request_error")
     loc = [str(x) for x in first.get("loc", ())]
     param = ".".join(loc[1:] if loc[:1] == ["body"] else loc[-1:]) or None
     msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
@@ -230,7 +235,12 @@ class _ChatFormat(_Format):
 
 
 def _engine_error(ev: RequestOutput) -> ErrorInfo:
-    return ErrorInfo(ev.error_status or 500, "generation_error", ev.error or "generation failed")
+    """A request's error event as the typed error it stands for (its code and Retry-After included)."""
+    message = ev.error or "generation failed"
+    e = error_from_name(ev.error_type, message)
+    known = type(e) is not BdloraError
+    return ErrorInfo(ev.error_status or e.http_status, e.code if known else "generation_error", message,
+                     getattr(e, "retry_after_s", None))
 
 
 class _Accounting:

@@ -36,13 +36,13 @@ def engine_group(spec: GroupSpec) -> Group:
     return EngineGroup(spec.group_config())  # the replica's own placement group holds its workers
 
 
-def _affinity_loader(group: Group) -> Callable[[str], Awaitable[str]]:
+def _affinity_loader() -> Callable[[str], Awaitable[str]]:
     # A plain function, not a method, so that the multiplex limit can come from config at run time.
-    async def load_adapter_for_affinity(name: str) -> str:
-        await group.load_adapter(name)
+    # It loads nothing: GroupServer calls it once the group has the adapter (see GroupServer).
+    async def register_adapter_affinity(name: str) -> str:
         return name
 
-    return load_adapter_for_affinity
+    return register_adapter_affinity
 
 
 async def _as_data(call: Awaitable[Any]) -> Any:
@@ -60,8 +60,7 @@ class EngineGroupDeployment:
 
     def __init__(self, spec: GroupSpec, factory: GroupFactory | None = None) -> None:
         self.group = (factory or engine_group)(spec)
-        remember = serve.multiplexed(max_num_models_per_replica=spec.max_adapters_per_group)(
-            _affinity_loader(self.group))
+        remember = serve.multiplexed(max_num_models_per_replica=spec.max_adapters_per_group)(_affinity_loader())
         self.server = GroupServer(self.group, remember)
         self.replica = serve.get_replica_context().replica_id.unique_id
         log.info("replica group up: model %s, TP %d", self.group.model_name, spec.tp)
@@ -85,6 +84,10 @@ class EngineGroupDeployment:
     async def stats(self) -> dict | ErrorInfo:
         stats = await _as_data(self.server.stats())
         return stats if isinstance(stats, ErrorInfo) else {**stats, "replica": self.replica}
+
+    async def pool_usage(self) -> list[dict] | ErrorInfo:
+        """Every TP rank's page-pool usage (rank order)."""
+        return await _as_data(self.server.pool_usage())
 
     async def check_health(self) -> None:
         """Serve's periodic health check (and /health): raises if a TP worker died."""

@@ -13,6 +13,8 @@ variables (see README.md and deploy/serve_config.yaml):
     BDLORA_NUM_GROUPS       fixed number of replica groups (sets min and max)
     BDLORA_MIN_GROUPS, BDLORA_MAX_GROUPS, BDLORA_TARGET_ONGOING_REQUESTS   autoscaling
     BDLORA_ADMIN_TOKEN      bearer token for POST/DELETE /v1/adapters (unset: open)
+    BDLORA_S3_MAX_ATTEMPTS, BDLORA_S3_CONNECT_TIMEOUT_S, BDLORA_S3_READ_TIMEOUT_S   how long a cold adapter
+                            may wait for an unreachable or throttling S3 before its request gets 503
     BDLORA_ENGINE_<FIELD>   any EngineConfig field, e.g. BDLORA_ENGINE_MAX_NUM_SEQS=64
     BDLORA_HOST, BDLORA_PORT, BDLORA_S3_PORT, BDLORA_STATE_DIR   embedded server only
 """
@@ -52,6 +54,9 @@ class GroupSpec:
     max_ongoing_requests: int = 256              # Serve-level cap per group; the engine queues below it
     max_adapters_per_group: int = 4096           # adapters remembered for affinity routing per group
     engine: tuple[tuple[str, Any], ...] = ()     # EngineConfig overrides, (field, value) pairs
+    s3_max_attempts: int = 5                     # tries per S3 call (first included), backoff between them
+    s3_connect_timeout_s: float = 5.0            # per connection attempt
+    s3_read_timeout_s: float = 60.0              # per socket read
     # Environment of the group replicas (whose workers and adapter store copy the AWS_* part), e.g.
     # the endpoint of a local S3; not logged, it may hold credentials.
     env_vars: tuple[tuple[str, str], ...] = field(default=(), repr=False)
@@ -61,6 +66,8 @@ class GroupSpec:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.max_adapters_per_group < 1 or self.max_ongoing_requests < 1:
             raise ValueError("max_adapters_per_group and max_ongoing_requests must be >= 1")
+        if self.s3_max_attempts < 1 or self.s3_connect_timeout_s <= 0 or self.s3_read_timeout_s <= 0:
+            raise ValueError("s3_max_attempts must be >= 1 and the S3 timeouts > 0")
 
     @property
     def served_name(self) -> str:
@@ -76,6 +83,7 @@ class GroupSpec:
         """The engine's `GroupConfig` (imported here so that configuring needs no engine)."""
         from bdlora_ray.engine import EngineConfig
         from bdlora_ray.group import GroupConfig
+        from bdlora_ray.store.s3 import S3Config
 
         known = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(k for k, _ in self.engine if k not in known)
@@ -84,7 +92,9 @@ class GroupSpec:
                              f"EngineConfig has {sorted(known)}")
         return GroupConfig(model_path=self.model_path, adapters_uri=self.adapters_uri, tp=self.tp,
                            model_name=self.served_name, engine=EngineConfig(**dict(self.engine)),
-                           use_gpu=self.use_gpu, worker_cpus=self.worker_cpus)
+                           use_gpu=self.use_gpu, worker_cpus=self.worker_cpus,
+                           s3=S3Config(connect_timeout_s=self.s3_connect_timeout_s,
+                                       read_timeout_s=self.s3_read_timeout_s, max_attempts=self.s3_max_attempts))
 
 
 @dataclass(frozen=True)
@@ -159,6 +169,8 @@ class AppConfig:
             replica_cpus=r.float("REPLICA_CPUS", 0.1), worker_cpus=r.float("WORKER_CPUS", 0.25),
             max_ongoing_requests=r.int("MAX_ONGOING_REQUESTS", 256),
             max_adapters_per_group=r.int("MAX_ADAPTERS_PER_GROUP", 4096),
+            s3_max_attempts=r.int("S3_MAX_ATTEMPTS", 5), s3_connect_timeout_s=r.float("S3_CONNECT_TIMEOUT_S", 5.0),
+            s3_read_timeout_s=r.float("S3_READ_TIMEOUT_S", 60.0),
             engine=tuple(sorted((k[len(ENGINE_PREFIX):].lower(), _scalar(k, v))
                                 for k, v in env.items() if k.startswith(ENGINE_PREFIX))))
         fixed = r.int("NUM_GROUPS", 0)

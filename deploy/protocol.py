@@ -24,11 +24,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_TOKENS_LIMIT = 1 << 20  # far above any context; the context length is the real limit, checked later
+
+
 class _GenerationBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN/Infinity: JSON extensions Python accepts
 
     model: str = Field(min_length=1, max_length=256)  # an adapter name, or the base model's
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
@@ -122,7 +125,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 

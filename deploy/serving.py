@@ -39,6 +39,7 @@ class Group(Protocol):
     def resident_adapters(self) -> list[str]: ...
     async def list_adapters(self) -> list[dict]: ...
     async def stats(self) -> dict: ...
+    async def pool_usage(self) -> list[dict]: ...
     async def check_health(self) -> None: ...
     def shutdown(self) -> None: ...
 
@@ -82,8 +83,16 @@ class ApiError(BdloraError):
 
 
 class GroupServer:
-    """Serves API requests on one group. `remember(name)`, if given, runs before an adapter request
-    (the Serve replica registers adapter affinity with it and loads the adapter on first use)."""
+    """Serves API requests on one group. `remember(name)`, if given, runs once an adapter has proved
+    servable here (its request's first token, or an admin load): the Serve replica registers
+    adapter affinity with it.
+
+    Loading itself is the engine's job, not Serve's multiplexing loader: Serve runs loaders one at a
+    time per replica and runs a failed one again for each waiting request, so one unreachable or
+    broken adapter would stall every other cold adapter and cost one S3 round per waiter. The
+    engine fetches each adapter once for all its waiters and fails them all with the same error;
+    and a name that does not exist is never registered as affinity.
+    """
 
     def __init__(self, group: Group, remember: Callable[[str], Awaitable[Any]] | None = None) -> None:
         self.group = group
@@ -120,13 +129,13 @@ class GroupServer:
     async def generate(self, inp: PromptInput) -> AsyncGenerator[RequestOutput, None]:
         """Events of one request; typed errors are raised before the first one."""
         req = self.prepare(inp)
-        if inp.adapter is not None and self.remember is not None:
-            await self.remember(inp.adapter)
         stream = self.group.generate(req)
-        finished = False
+        finished = started = False
         try:
             async for out in stream:
-                finished = out.finished
+                if not started and inp.adapter is not None and out.finish_reason != "error":
+                    await self._remember(inp.adapter)
+                started, finished = True, out.finished
                 yield out
                 if finished:
                     return
@@ -149,11 +158,18 @@ class GroupServer:
         finally:
             await stream.aclose()
 
+    async def _remember(self, name: str) -> None:
+        if self.remember is None:
+            return
+        try:
+            await self.remember(name)
+        except Exception:  # affinity is a routing hint: losing it never fails a request
+            log.warning("could not register adapter %s for routing", name, exc_info=True)
+
     async def load_adapter(self, name: str) -> None:
         check_name(name)
-        if self.remember is not None:
-            await self.remember(name)
         await self.group.load_adapter(name)  # also after an unload: affinity alone does not load
+        await self._remember(name)
 
     async def unload_adapter(self, name: str) -> None:
         await self.group.unload_adapter(check_name(name))
@@ -163,6 +179,9 @@ class GroupServer:
 
     async def stats(self) -> dict:
         return await self.group.stats()
+
+    async def pool_usage(self) -> list[dict]:
+        return await self.group.pool_usage()
 
     async def check_health(self) -> None:
         await self.group.check_health()

@@ -14,7 +14,6 @@ import asyncio
 import functools
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from deploy.api import make_api
 from deploy.config import ApiConfig, AppConfig, GroupSpec, ScalingConfig
 from deploy.routing import LocalRouter
 from deploy.serving import GroupServer
+from serving_fixtures import assert_openai_error, serve_app, wait_until
 
 BASE = "tiny-llama"
 _FAKE_ADAPTER = re.compile(r"alpha|beta|gamma|slow|crash|aff-\d+")
@@ -141,19 +141,6 @@ def sse_events(text: str) -> list[str]:
     assert blocks[-1] == "", "the stream must end with a blank line"
     assert all(b.startswith("data: ") for b in blocks[:-1]), blocks
     return [b[len("data: "):] for b in blocks[:-1]]
-
-
-def assert_openai_error(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    err = body["error"]
-    assert err["message"] and err["type"] == ("invalid_request_error" if status < 500 else "server_error")
-    if code is not None:
-        assert err["code"] == code, err
-    if param is not None:
-        assert err["param"] == param, err
-    return err
 
 
 # ---- completions and chat -------------------------------------------------------------------------
@@ -532,22 +519,6 @@ def test_importing_deploy_starts_nothing_and_app_is_built_from_the_environment()
 
 # ---- the Serve application, end to end ------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll_s)  # polling another process's state: nothing to await here
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 SERVE_APP = "bdlora-test"
 
 
@@ -563,11 +534,9 @@ class Served:
 @pytest.fixture(scope="module", params=["fake", "engine"])
 def served(request, ray_session, tmp_path_factory):
     """The app with two replica groups on 127.0.0.1:<free port>, as `serve run deploy:app` runs it."""
-    import ray
     import ray.cloudpickle
     from ray import serve
 
-    from deploy import build_app
     from deploy.seed import DEMO_ADAPTERS, DemoAdapter, seed_adapters, write_checkpoint
 
     affinity = tuple(f"aff-{i}" for i in range(4))  # fresh adapters for the routing test
@@ -588,21 +557,9 @@ def served(request, ray_session, tmp_path_factory):
         spec = GroupSpec(model_path=str(model), adapters_uri=uri, tp=2, worker_cpus=0.2,
                          engine=(("max_model_len", 128),), env_vars=tuple(s3.env.items()))
         factory, adapters, models = None, tuple(names[:3]), (BASE, *sorted(names))
-    def named_actors() -> set[tuple[str, str]]:
-        return {(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)}
-
-    named_before = named_actors()
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = AppConfig(group=spec, scaling=ScalingConfig(min_groups=2, max_groups=2))
-    serve.run(build_app(config, factory), name=SERVE_APP, route_prefix="/")
-    yield Served(request.param, f"http://127.0.0.1:{port}", serve.get_deployment_handle("EngineGroup", SERVE_APP),
-                 adapters, models)
-    serve.shutdown()
-    # The groups' adapter store is a detached named actor that would outlive the app (and be found,
-    # with this app's bucket, by a later group of the same model name): remove what this app made.
-    for name, namespace in named_actors() - named_before:
-        ray.kill(ray.get_actor(name, namespace=namespace))
+    with serve_app(config, factory, SERVE_APP) as url:
+        yield Served(request.param, url, serve.get_deployment_handle("EngineGroup", SERVE_APP), adapters, models)
 
 
 def _group_stats(groups) -> dict[str, dict]:
@@ -706,5 +663,5 @@ def test_served_stream_is_aborted_when_the_client_disconnects(served):
         first = next(r.iter_lines())
         assert first.startswith("data: ") and json.loads(first[6:])["object"] == "text_completion"
     # Closing the connection cancels the ingress request, which cancels the group's call, which aborts.
-    _wait_until(lambda: sum(s["counters"].get("finished_abort", 0) for s in _group_stats(groups).values()) == 1,
+    wait_until(lambda: sum(s["counters"].get("finished_abort", 0) for s in _group_stats(groups).values()) == 1,
                 60, "the abort")

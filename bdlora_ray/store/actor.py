@@ -66,13 +66,15 @@ class ShardBlob:
     meta: AdapterMeta    # scale, rank, mode, targets of the adapter
     buffer: np.ndarray   # (nbytes,) uint8, every tensor back to back at _ALIGN-aligned offsets
     index: tuple[tuple[str, str, tuple[int, ...], int], ...]  # (tensor name, torch dtype name, shape, byte offset)
+    sha256: str = ""     # of the shard file it came from: which version of the adapter this is
 
     @property
     def nbytes(self) -> int:
         return int(self.buffer.nbytes)
 
     @classmethod
-    def pack(cls, name: str, tp_rank: int, meta: AdapterMeta, tensors: dict[str, Tensor]) -> "ShardBlob":
+    def pack(cls, name: str, tp_rank: int, meta: AdapterMeta, tensors: dict[str, Tensor],
+             sha256: str = "") -> "ShardBlob":
         index, offset = [], 0
         for k, t in tensors.items():
             index.append((k, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset))
@@ -82,7 +84,7 @@ class ShardBlob:
         for (k, dtype, shape, off), t in zip(index, tensors.values()):
             n = t.numel() * t.element_size()
             flat[off:off + n].view(t.dtype).copy_(t.reshape(-1))
-        return cls(name, tp_rank, meta, buffer, tuple(index))
+        return cls(name, tp_rank, meta, buffer, tuple(index), sha256)
 
     def tensors(self) -> dict[str, Tensor]:
         """The shard's tensors as views of `buffer` (no copy). Read-only: copy before writing."""
@@ -241,16 +243,34 @@ class AdapterStore:
             raise ValueError(f"tp_rank {tp_rank} outside TP degree {self.config.tp}")
 
         def cached() -> ShardBlob | None:
-            blob = self._cache.get((name, tp_rank))
+            blob = self._current((name, tp_rank))
             self._stats.hits += blob is not None
             return blob
 
         return self._single_flight(("shard", name, tp_rank), cached, lambda: self._load_shard(name, tp_rank))
 
+    def _current(self, key: tuple[str, int]) -> ShardBlob | None:
+        """The cached shard if it is the version the cached manifest names (call under the lock).
+
+        A load that was in flight while the adapter was invalidated (a corrupt sibling shard, an
+        unload) may cache its shard afterwards; without a matching manifest it is never served, so
+        ranks never mix two versions of an adapter.
+        """
+        blob = self._cache.get(key)
+        m = self._manifests.get(key[0])
+        if blob is None or m is None or m.files[key[1]].sha256 != blob.sha256:
+            return None
+        return blob
+
     def _load_shard(self, name: str, tp_rank: int) -> ShardBlob:
         c = self.config
         m = self.manifest(name)
         f = m.files[tp_rank]
+        with self._lock:  # the manifest was read again (evicted, invalidated): the shard may still be good
+            blob = self._current((name, tp_rank))
+            if blob is not None:
+                self._stats.hits += 1
+                return blob
         what = f"adapter {name!r} {f.name}"
         try:
             if f.size > c.max_shard_bytes:
@@ -267,9 +287,10 @@ class AdapterStore:
             # The manifest may be stale (adapter re-pushed) or lie: read it afresh next time.
             self.invalidate(name)
             raise
-        blob = ShardBlob.pack(name, tp_rank, m.meta, tensors)
+        blob = ShardBlob.pack(name, tp_rank, m.meta, tensors, f.sha256)
         with self._lock:
-            self._stats.evictions += self._cache.put((name, tp_rank), blob)
+            if self._manifests.get(name) is m:  # else invalidated meanwhile: hand it out, keep nothing
+                self._stats.evictions += self._cache.put((name, tp_rank), blob)
         log.info("loaded adapter %s rank %d (%d bytes)", name, tp_rank, f.size)
         return blob
 
@@ -288,7 +309,7 @@ class AdapterStore:
                 continue
             for rank in range(self.config.tp):
                 with self._lock:
-                    busy = self._cache.get((name, rank)) is not None or ("shard", name, rank) in self._inflight
+                    busy = self._current((name, rank)) is not None or ("shard", name, rank) in self._inflight
                     if not busy:
                         self._stats.prefetching += 1
                 if not busy:

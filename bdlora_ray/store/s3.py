@@ -54,8 +54,9 @@ class S3Config:
     retry_mode: str = "standard"     # botocore retry mode: "standard" or "adaptive"
 
     def botocore(self) -> Config:
+        # botocore's "max_attempts" counts retries only; "total_max_attempts" counts the first try too.
         return Config(connect_timeout=self.connect_timeout_s, read_timeout=self.read_timeout_s,
-                      retries={"max_attempts": self.max_attempts, "mode": self.retry_mode})
+                      retries={"total_max_attempts": self.max_attempts, "mode": self.retry_mode})
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
