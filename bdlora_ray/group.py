@@ -30,7 +30,7 @@ from bdlora_ray.config import LlamaConfig
 from bdlora_ray.engine import Engine, EngineConfig
 from bdlora_ray.errors import AdapterInvalid, ReplicaGroupFailed, error_from_name
 from bdlora_ray.memory import PoolConfig
-from bdlora_ray.request import GenerationRequest, RequestOutput
+from bdlora_ray.request import GenerationRequest, RequestOutput, merge_outputs
 from bdlora_ray.store.actor import AdapterStoreActor, StoreConfig
 from bdlora_ray.store.manifest import check_name
 from bdlora_ray.store.s3 import S3Config
@@ -209,7 +209,12 @@ class TPWorkerActor:
         finished = False
         try:
             while not finished:
-                out = await q.get()
+                # Everything that arrived meanwhile goes as one item: under load a Ray stream item per
+                # token per request would cost more than the step that made the token.
+                outs = [await q.get()]
+                while not outs[-1].finished and not q.empty():
+                    outs.append(q.get_nowait())
+                out = merge_outputs(outs)
                 finished = out.finished
                 yield out
         finally:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from bdlora_ray.errors import InvalidRequest
@@ -54,3 +58,65 @@ class RequestOutput:
     error: str | None = None        # message when finish_reason == "error"
     error_status: int | None = None  # HTTP status for that error
     error_type: str | None = None   # class name of the typed error (bdlora_ray.errors)
+
+
+def merge_outputs(outs: Sequence[RequestOutput]) -> RequestOutput:
+    """Consecutive events of one request as one: their tokens and text joined, the rest the last's."""
+    if not outs:
+        raise ValueError("nothing to merge")
+    if len(outs) == 1:
+        return outs[0]
+    if len({o.request_id for o in outs}) != 1 or any(o.finished for o in outs[:-1]):
+        raise ValueError("only consecutive events of one unfinished request can be merged")
+    last = outs[-1]
+    return dataclasses.replace(last, token_ids=tuple(t for o in outs for t in o.token_ids),
+                               text="".join(o.text for o in outs))
+
+
+async def coalesced(events: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """`events` read ahead by a task of its own; what arrived while the consumer was busy comes out
+    merged into one event (as vLLM's output collector does). Under load every hop of a stream then
+    carries one item per consumer turn instead of one per token; an idle consumer sees every event.
+
+    An error of `events` is raised after the events before it. Closing this generator cancels the
+    read-ahead, which closes `events` (so that an unfinished request is aborted upstream).
+    """
+    pending: list[RequestOutput] = []
+    arrived = asyncio.Event()
+    ended: list[BaseException | None] = []     # [error or None] once `events` is exhausted
+
+    async def pump() -> None:
+        try:
+            async for ev in events:
+                pending.append(ev)
+                arrived.set()
+            ended.append(None)
+        except BaseException as e:  # handed to the consumer, raised there (a cancellation too)
+            ended.append(e)
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            arrived.set()
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            if not pending and not ended:
+                await arrived.wait()
+                arrived.clear()
+            if pending:
+                batch = pending[:]
+                pending.clear()
+                yield merge_outputs(batch)
+            elif ended:
+                if ended[0] is not None:
+                    raise ended[0]
+                return
+    finally:
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()

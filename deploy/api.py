@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bdlora_ray.errors import BdloraError, error_from_name
-from bdlora_ray.request import RequestOutput
+from bdlora_ray.request import RequestOutput, coalesced
 from bdlora_ray.store.manifest import check_name
 from deploy.config import ApiConfig
 from deploy.metrics import ApiMetrics
@@ -184,8 +184,15 @@ class SSEResponse(StreamingResponse):
 
 def sse(data: dict[str, Any] | str) -> str:
     """One server-sent event: `data: <json or literal>` and a blank line."""
-    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return f"data: {text}\n\n"
+    if not isinstance(data, str):
+        data = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+        # JSON leaves these raw, and line readers that split like str.splitlines (httpx's iter_lines)
+        # would cut the event in two: escape them (valid JSON either way).
+        data = data.translate(_LINE_BREAKS)
+    return f"data: {data}\n\n"
+
+
+_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
 
 
 class _Format:
@@ -293,7 +300,7 @@ def make_api(router: Router, config: ApiConfig, metrics: ApiMetrics | None = Non
 
     async def generate(inp: PromptInput, stream: bool, include_usage: bool, fmt: _Format) -> Response:
         start, model = time.monotonic(), inp.adapter or config.model_name
-        events = router.generate(inp)
+        events = coalesced(router.generate(inp))  # what came while a chunk was being sent goes as one
         try:
             first = await anext(events)  # typed errors surface here, before the response starts
         except BaseException:

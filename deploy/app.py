@@ -19,7 +19,7 @@ from ray import serve
 from ray.serve import Application
 
 from bdlora_ray.errors import BdloraError
-from bdlora_ray.request import RequestOutput
+from bdlora_ray.request import RequestOutput, coalesced
 from deploy.api import make_api
 from deploy.config import ApiConfig, AppConfig, GroupSpec
 from deploy.routing import ServeRouter
@@ -67,7 +67,7 @@ class EngineGroupDeployment:
 
     async def generate(self, inp: PromptInput) -> AsyncIterator[RequestOutput | ErrorInfo]:
         try:
-            async for out in self.server.generate(inp):
+            async for out in coalesced(self.server.generate(inp)):  # merged while the ingress is behind
                 yield out
         except BdloraError as e:
             yield ErrorInfo.of(e)

@@ -1,0 +1,123 @@
+"""Merging a request's stream events when the consumer is behind (bdlora_ray.request.coalesced)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bdlora_ray.errors import AdapterNotFound, ReplicaGroupFailed
+from bdlora_ray.request import RequestOutput, coalesced, merge_outputs
+
+
+def events(n: int, rid: str = "r") -> list[RequestOutput]:
+    return [RequestOutput(rid, (i,), f"<{i}>", i == n - 1, "length" if i == n - 1 else None, 5, i + 1)
+            for i in range(n)]
+
+
+def test_merge_joins_tokens_and_text_and_keeps_the_last_state():
+    m = merge_outputs(events(4))
+    assert m.token_ids == (0, 1, 2, 3) and m.text == "<0><1><2><3>"
+    assert m.finished and m.finish_reason == "length" and m.completion_tokens == 4 and m.prompt_tokens == 5
+    assert merge_outputs(events(4)[1:2]) == events(4)[1]
+
+
+@pytest.mark.parametrize("outs", [[], events(2) + events(1), [events(3, "a")[0], events(3, "b")[1]]],
+                         ids=["nothing", "finished-in-the-middle", "two-requests"])
+def test_merge_refuses_what_is_not_one_request_in_order(outs):
+    with pytest.raises(ValueError):
+        merge_outputs(outs)
+
+
+async def producer(evs: list[RequestOutput], log: list[str], error: BaseException | None = None,
+                   pause_s: float = 0.0):
+    try:
+        for ev in evs:
+            if pause_s:
+                await asyncio.sleep(pause_s)
+            log.append(f"yield {ev.token_ids[0]}")
+            yield ev
+        if error is not None:
+            raise error
+    finally:
+        log.append("closed")
+
+
+def test_a_slow_consumer_gets_merged_events_with_every_token_in_order():
+    async def main():
+        log: list[str] = []
+        got = []
+        async for ev in coalesced(producer(events(50), log)):
+            got.append(ev)
+            await asyncio.sleep(0.01)  # busy sending the previous chunk
+        return got, log
+
+    got, log = asyncio.run(main())
+    assert len(got) < 10  # merged: far fewer items than tokens
+    assert tuple(t for ev in got for t in ev.token_ids) == tuple(range(50))
+    assert "".join(ev.text for ev in got) == "".join(f"<{i}>" for i in range(50))
+    assert [ev.finished for ev in got] == [False] * (len(got) - 1) + [True] and got[-1].completion_tokens == 50
+    assert log[-1] == "closed"
+
+
+def test_a_waiting_consumer_gets_every_event_as_it_was():
+    async def main():
+        return [ev async for ev in coalesced(producer(events(5), [], pause_s=0.01))]
+
+    assert asyncio.run(main()) == events(5)
+
+
+def test_an_error_is_raised_after_the_events_before_it():
+    async def main():
+        got = []
+        with pytest.raises(ReplicaGroupFailed, match="died"):
+            async for ev in coalesced(producer(events(3)[:2], [], ReplicaGroupFailed("rank 1 died"))):
+                got.append(ev)
+                await asyncio.sleep(0.01)
+        return got
+
+    got = asyncio.run(main())
+    assert tuple(t for ev in got for t in ev.token_ids) == (0, 1)
+
+
+def test_an_error_before_any_event_is_raised_on_the_first():
+    async def main():
+        stream = coalesced(producer([], [], AdapterNotFound("adapter 'x' not found")))
+        with pytest.raises(AdapterNotFound):
+            await anext(stream)
+
+    asyncio.run(main())
+
+
+def test_closing_early_closes_the_source_and_stops_reading_it():
+    async def main():
+        log: list[str] = []
+        stream = coalesced(producer(events(1000), log, pause_s=0.001))
+        first = await anext(stream)
+        await stream.aclose()
+        n = len(log)
+        await asyncio.sleep(0.05)
+        return first, log, n
+
+    first, log, n = asyncio.run(main())
+    assert first.token_ids[0] == 0
+    assert log[-1] == "closed" and len(log) == n and len(log) < 100  # nothing read after the close
+
+
+def test_cancelling_the_consumer_closes_the_source():
+    async def main():
+        log: list[str] = []
+
+        async def consume():
+            async for _ in coalesced(producer(events(10_000), log, pause_s=0.001)):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return log
+
+    log = asyncio.run(main())
+    assert log[-1] == "closed" and len(log) < 1000
