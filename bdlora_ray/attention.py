@@ -29,35 +29,87 @@ class AttentionMeta:
         return self.kv_cache is not None
 
 
-def _write_kv(meta: AttentionMeta, layer: int, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Store a sequence's new K, V (n, nkv, hd) and return its whole context's K, V."""
-    start, n = meta.context_lens[i], k.shape[0]
-    pages = meta.page_tables[i].to(k.device, torch.long)
+@dataclass
+class _PagedPlan:
+    """Where one step's rows go in the KV pages, and what its decode rows read: the same in every
+    layer, so computed once per step (`AttentionMeta.plan`)."""
+
+    write_page: Tensor        # (T,) page of each new row's K, V
+    write_slot: Tensor        # (T,) slot in that page
+    decode_rows: Tensor       # (D,) rows of the sequences that add one row this step
+    read_page: Tensor         # (D, L) pages of each decode sequence's context, L = longest context
+    read_slot: Tensor         # (D, L)
+    read_mask: Tensor         # (D, 1, 1, L) True for the sequence's own positions
+    prefill: list[tuple[int, int, Tensor, Tensor]]   # (first row, rows, pages, slots of the whole context)
+
+
+def _plan(meta: AttentionMeta, device: torch.device) -> _PagedPlan:
+    b = meta.block_size
+    write_page, write_slot, decode_rows, reads, prefill = [], [], [], [], []
+    row = 0
+    for i, n in enumerate(meta.seq_lens):
+        pages = meta.page_tables[i].to(device, torch.long)
+        total = meta.context_lens[i] + n
+        pos = torch.arange(total, device=device)
+        page, slot = pages[pos // b], pos % b
+        write_page.append(page[total - n:])
+        write_slot.append(slot[total - n:])
+        if n == 1:
+            decode_rows.append(row)
+            reads.append((page, slot))
+        else:
+            prefill.append((row, n, page, slot))
+        row += n
+    D, L = len(reads), max((len(p) for p, _ in reads), default=0)
+    read_page = torch.zeros(D, L, dtype=torch.long, device=device)
+    read_slot = torch.zeros(D, L, dtype=torch.long, device=device)
+    read_mask = torch.zeros(D, 1, 1, L, dtype=torch.bool, device=device)
+    for d, (page, slot) in enumerate(reads):
+        read_page[d, :len(page)], read_slot[d, :len(slot)], read_mask[d, ..., :len(page)] = page, slot, True
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long, device=device)  # noqa: E731
+    return _PagedPlan(cat(write_page), cat(write_slot), torch.tensor(decode_rows, dtype=torch.long, device=device),
+                      read_page, read_slot, read_mask, prefill)
+
+
+def _attend_paged(q: Tensor, k: Tensor, v: Tensor, meta: AttentionMeta, layer: int) -> Tensor:
+    """Every row's K, V into its pages (one write), then all single-row (decode) sequences in one
+    padded, masked attention over their gathered contexts; multi-row (prefill) sequences one by one."""
+    plan = meta.extra.get("paged_plan")
+    if plan is None:
+        plan = meta.extra["paged_plan"] = _plan(meta, q.device)
     kv = meta.kv_cache[layer]  # (pages, 2, block, nkv, hd)
-    pos = torch.arange(start, start + n, device=k.device)
-    page, slot = pages[pos // meta.block_size], pos % meta.block_size
-    kv[page, 0, slot] = k.to(kv.dtype)
-    kv[page, 1, slot] = v.to(kv.dtype)
-    total = start + n
-    allpos = torch.arange(total, device=k.device)
-    page, slot = pages[allpos // meta.block_size], allpos % meta.block_size
-    return kv[page, 0, slot].to(k.dtype), kv[page, 1, slot].to(v.dtype)  # (total, nkv, hd)
+    kv[plan.write_page, 0, plan.write_slot] = k.to(kv.dtype)
+    kv[plan.write_page, 1, plan.write_slot] = v.to(kv.dtype)
+    out = torch.empty_like(q)
+    if len(plan.decode_rows):
+        kd = kv[plan.read_page, 0, plan.read_slot].to(q.dtype)   # (D, L, nkv, hd)
+        vd = kv[plan.read_page, 1, plan.read_slot].to(q.dtype)
+        o = F.scaled_dot_product_attention(
+            q[plan.decode_rows].unsqueeze(2), kd.transpose(1, 2), vd.transpose(1, 2),  # (D, heads, 1|L, hd)
+            attn_mask=plan.read_mask, enable_gqa=True)
+        out[plan.decode_rows] = o.squeeze(2)
+    for row, n, page, slot in plan.prefill:
+        out[row:row + n] = _causal(q[row:row + n], kv[page, 0, slot].to(q.dtype), kv[page, 1, slot].to(q.dtype))
+    return out
+
+
+def _causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """One sequence: q (n, nh, hd) at the last n of the total positions of k, v (total, nkv, hd)."""
+    n, total = q.shape[0], k.shape[0]
+    # Row j sits at absolute position total - n + j and sees keys <= it.
+    mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # (heads, n|total, hd)
+                                       attn_mask=mask, enable_gqa=True)
+    return o.transpose(0, 1)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, meta: AttentionMeta, layer: int) -> Tensor:
     """q: (T, nh, hd); k, v: (T, nkv, hd) -> (T, nh, hd)."""
+    if meta.paged:
+        return _attend_paged(q, k, v, meta, layer)
     out = torch.empty_like(q)
     row = 0
-    for i, n in enumerate(meta.seq_lens):
-        qi, ki, vi = q[row:row + n], k[row:row + n], v[row:row + n]
-        if meta.paged:
-            ki, vi = _write_kv(meta, layer, i, ki, vi)
-        total = ki.shape[0]
-        # Row j of this step sits at absolute position total - n + j and sees keys <= it.
-        mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
-        o = F.scaled_dot_product_attention(
-            qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),   # (heads, n|total, hd)
-            attn_mask=mask, enable_gqa=True)
-        out[row:row + n] = o.transpose(0, 1)
+    for n in meta.seq_lens:
+        out[row:row + n] = _causal(q[row:row + n], k[row:row + n], v[row:row + n])
         row += n
     return out

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
-from kernels.lora_torch import lora_expand_torch, lora_shrink_torch
+from kernels.lora_torch import StepCache, lora_expand_torch, lora_shrink_torch
 
 if TYPE_CHECKING:
     from kernels.lora_shrink_op import Segments
@@ -66,36 +66,48 @@ def lora_segments(idx: Tensor, block_m: int = 16, num_slots: int | None = None) 
     return importlib.import_module("kernels.lora_shrink_op").lora_segments(idx, block_m, num_slots)
 
 
-def plan_segments(idx: Tensor, num_slots: int, backend: str | None = None) -> Segments | None:
-    """What one step's kernels share: the rows grouped by slot, when the batch is
-    large enough for the Triton kernels' sorted launch (None otherwise, and for
-    the torch backends). Compute once per step, pass as `segments=` to every layer."""
-    if resolve_backend(backend, idx) != "triton":
+def plan_segments(idx: Tensor, num_slots: int, backend: str | None = None) -> Segments | StepCache | None:
+    """What one step's kernels share, computed once per step and passed as `segments=` to
+    every layer: for triton the rows grouped by slot when the batch is large enough for the
+    sorted launch (else None); for torch a `StepCache` of the pool positions and row plans
+    that every layer reuses; None for the reference."""
+    name = resolve_backend(backend, idx)
+    if name == "torch":
+        return StepCache()
+    if name != "triton":
         return None
     op = importlib.import_module("kernels.lora_shrink_op")
     block_m = op.sorted_block_m(idx.numel(), None)
     return None if block_m is None else op.lora_segments(idx, block_m, num_slots)
 
 
+def _cache(segments: Any) -> StepCache | None:
+    return segments if isinstance(segments, StepCache) else None
+
+
+def _segments(segments: Any) -> Segments | None:
+    return None if isinstance(segments, StepCache) else segments
+
+
 def lora_shrink(
     x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, a_offset: Tensor, rank: Tensor,
-    max_rank: int, *, backend: str | None = None, segments: Segments | None = None,
+    max_rank: int, *, backend: str | None = None, segments: Segments | StepCache | None = None,
 ) -> Tensor:
     """h (T, n_slices, R) float32: h[t, s, :rank[a, s]] = x[t] @ A_s.T, a = idx[t];
-    zero elsewhere. See `lora_shrink_ref`. `segments` only matters to triton."""
+    zero elsewhere. See `lora_shrink_ref`. `segments`: `plan_segments`'s for this batch."""
     name = resolve_backend(backend, x)
     if name == "reference":
         return lora_shrink_ref(x, pool, page_table, idx, a_offset, rank, max_rank)
     if name == "torch":
-        return lora_shrink_torch(x, pool, page_table, idx, a_offset, rank, max_rank)
+        return lora_shrink_torch(x, pool, page_table, idx, a_offset, rank, max_rank, _cache(segments))
     impl = importlib.import_module("kernels.lora_shrink_op").lora_shrink
-    return impl(x, pool, page_table, idx, a_offset, rank, max_rank, segments=segments)
+    return impl(x, pool, page_table, idx, a_offset, rank, max_rank, segments=_segments(segments))
 
 
 def lora_expand(
     h: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, b_offset: Tensor, rank: Tensor,
     out_start: Tensor, out_len: Tensor, scale: Tensor, y: Tensor,
-    *, backend: str | None = None, segments: Segments | None = None,
+    *, backend: str | None = None, segments: Segments | StepCache | None = None,
 ) -> Tensor:
     """In place, returns y: y[t, o:o + n] += scale[a] * h[t, s, :r] @ B_s.T for
     a = idx[t] >= 0 and slices with r = rank[a, s] > 0. See `lora_expand_ref`."""
@@ -103,10 +115,11 @@ def lora_expand(
     if name == "reference":
         return lora_expand_ref(h, pool, page_table, idx, b_offset, rank, out_start, out_len, scale, y)
     if name == "torch":
-        return lora_expand_torch(h, pool, page_table, idx, b_offset, rank, out_start, out_len, scale, y)
+        return lora_expand_torch(h, pool, page_table, idx, b_offset, rank, out_start, out_len, scale, y,
+                                 _cache(segments))
     impl = importlib.import_module("kernels.lora_expand_op").lora_expand
-    return impl(h, pool, page_table, idx, b_offset, rank, out_start, out_len, scale, y, segments=segments)
+    return impl(h, pool, page_table, idx, b_offset, rank, out_start, out_len, scale, y, segments=_segments(segments))
 
 
 __all__ = ["BACKENDS", "get_backend", "lora_expand", "lora_segments", "lora_shrink", "plan_segments",
-           "resolve_backend", "set_backend"]
+           "resolve_backend", "set_backend", "StepCache"]

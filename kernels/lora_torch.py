@@ -1,72 +1,127 @@
-"""Vectorised torch versions of the paged LoRA ops: the CPU serving path.
+"""Torch versions of the paged LoRA ops: the CPU serving path.
 
-Same signatures and semantics as `lora_ref` (read that first). Where the
-reference loops over adapter slots, these gather every slot's factors from
-the pool in one indexing op and then run one batched product over all rows
-(vLLM's torch `bgmv`), so the cost follows rows and ranks, not the number of
-distinct adapters.
+Same signatures and semantics as `lora_ref` (read that first). Per layer,
+one indexing op gathers the pages of every slot the batch uses (their
+virtual buffers, which hold every target's factors); then, as Punica's SGMV
+does, each adapter's rows are multiplied by views of its factors in that
+buffer, all its rows at once. What every layer shares (page positions, rows
+per slot, offsets) comes from a per-batch `StepCache` and is computed once.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 
-def gather_paged(pool: Tensor, page_table: Tensor, offset: Tensor, rows: int, cols: Tensor | int,
-                 n_rows: Tensor, n_cols: Tensor) -> Tensor:
-    """Every slot's and slice's (rows, C) matrix, zero outside (n_rows, n_cols).
+class StepCache:
+    """What every layer of one batch shares on the torch path: where each slot's factors sit in a
+    layer's pool (the page ids are the same in every layer) and which rows use which slot.
+    Computed at the first layer, reused by the others. Entries are keyed by the batch's tensors'
+    storage, so one cache serves one batch (whose tensors live as long as it does)."""
 
-    offset, n_rows, n_cols: (S, n_slices); cols: row stride, an int or (S, n_slices).
-    Returns (S, n_slices, rows, C) float32, C = n_cols.max() (or cols when an int).
-    """
-    S, ns = offset.shape
-    P = pool.shape[1]
-    C = cols if isinstance(cols, int) else max(int(n_cols.max()), 1)
-    stride = torch.as_tensor(cols, device=pool.device).expand(S, ns) if isinstance(cols, int) else cols
-    j = torch.arange(rows, device=pool.device)[:, None]   # (rows, 1)
-    k = torch.arange(C, device=pool.device)[None, :]      # (1, C)
-    v = offset[:, :, None, None] + j * stride[:, :, None, None].long() + k  # (S, ns, rows, C) virtual ids
-    valid = (j < n_rows[:, :, None, None]) & (k < n_cols[:, :, None, None])
-    v = torch.where(valid, v, 0)
-    pages = torch.gather(page_table.long(), 1, (v // P).reshape(S, -1)).view_as(v)
-    w = pool.reshape(-1)[pages * P + v % P].float()
-    return w.masked_fill_(~valid, 0.0)
+    def __init__(self) -> None:
+        self._entries: dict[tuple, Any] = {}
+
+    def get(self, key: tuple, make: Callable[[], Any]) -> Any:
+        value = self._entries.get(key)
+        if value is None:
+            value = self._entries[key] = make()
+        return value
+
+
+def _ptr(t: Tensor | int) -> int | tuple:
+    return t if isinstance(t, int) else (t.data_ptr(), tuple(t.shape))
+
+
+def _cached(cache: StepCache | None, key: tuple, make: Callable[[], Any]) -> Any:
+    return make() if cache is None else cache.get(key, make)
+
+
+def _slot_buffers(pool: Tensor, page_table: Tensor, cache: StepCache | None) -> Tensor:
+    """Every slot's virtual buffer in this layer's pool: (S, max_pages * P) float32. The last
+    layer's is kept in the cache: shrink and expand of one linear share it."""
+    key = ("buffers", pool.data_ptr(), _ptr(page_table))
+    if cache is not None and cache._entries.get("buffers", (None,))[0] == key:
+        return cache._entries["buffers"][1]
+    pages = _cached(cache, ("pages", _ptr(page_table)), lambda: page_table.reshape(-1).long())
+    buf = pool.index_select(0, pages).view(page_table.shape[0], -1).float()  # whole pages: row copies
+    if cache is not None:
+        cache._entries["buffers"] = (key, buf)
+    return buf
+
+
+def _slot_rows(idx: Tensor, cache: StepCache | None) -> list[tuple[int, Tensor]]:
+    """(slot, its rows) for every slot the batch uses, in slot order."""
+    def make() -> list[tuple[int, Tensor]]:
+        rows = (idx >= 0).nonzero().squeeze(1)
+        if len(rows) == 0:
+            return []
+        slot = idx[rows].long()
+        order = torch.argsort(slot, stable=True)
+        slots, counts = torch.unique_consecutive(slot[order], return_counts=True)
+        return list(zip(slots.tolist(), torch.split(rows[order], counts.tolist())))
+
+    return _cached(cache, ("rows", _ptr(idx)), make)
 
 
 def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, a_offset: Tensor,
-                      rank: Tensor, max_rank: int) -> Tensor:
+                      rank: Tensor, max_rank: int, cache: StepCache | None = None) -> Tensor:
     T, d_in = x.shape
     n_slices = a_offset.shape[1]
     h = torch.zeros(T, n_slices, max_rank, dtype=torch.float32, device=x.device)
-    rows = (idx >= 0).nonzero().squeeze(1)
-    if len(rows) == 0 or max_rank == 0:
+    groups = _slot_rows(idx, cache)
+    if not groups or max_rank == 0:
         return h
-    full = torch.full_like(rank, d_in)
-    A = gather_paged(pool, page_table, a_offset.long(), max_rank, d_in, rank, full)  # (S, ns, R, d_in)
-    slot = idx[rows].long()
-    h[rows] = torch.einsum("td,tsrd->tsr", x[rows].float(), A[slot])
+
+    def plan() -> list[tuple[int, Tensor, list[tuple[int, int, int]]]]:
+        """Per used slot: its rows and (slice, offset of A, rank) of each slice it adapts."""
+        offs, ranks = a_offset.tolist(), rank.tolist()
+        return [(a, rows, [(s, offs[a][s], r) for s, r in enumerate(ranks[a]) if r > 0]) for a, rows in groups]
+
+    per_slot = _cached(cache, ("shrink", _ptr(idx), _ptr(a_offset), _ptr(rank)), plan)
+    buf = _slot_buffers(pool, page_table, cache)
+    xf = x.float()
+    for a, rows, slices in per_slot:
+        if not slices:
+            continue
+        xa = xf[rows]
+        ha = torch.zeros(len(rows), n_slices, max_rank, dtype=torch.float32, device=x.device)
+        for s, off, r in slices:
+            ha[:, s, :r] = xa @ buf[a, off:off + r * d_in].view(r, d_in).T
+        h[rows] = ha
     return h
 
 
 def lora_expand_torch(h: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, b_offset: Tensor, rank: Tensor,
-                      out_start: Tensor, out_len: Tensor, scale: Tensor, y: Tensor) -> Tensor:
-    rows = (idx >= 0).nonzero().squeeze(1)
-    if len(rows) == 0 or int(rank.max()) == 0:
+                      out_start: Tensor, out_len: Tensor, scale: Tensor, y: Tensor,
+                      cache: StepCache | None = None) -> Tensor:
+    groups = _slot_rows(idx, cache)
+    if not groups:
         return y
-    n_max = int(out_len.max())
+
+    def plan() -> list[tuple[int, Tensor, list[tuple[int, int, int, int, int]], float]]:
+        """Per used slot: its rows, (slice, offset of B, rank, first output column, columns) of each
+        slice it adapts, and its scale."""
+        offs, ranks, starts, lens, scales = (t.tolist() for t in (b_offset, rank, out_start, out_len, scale))
+        return [(a, rows, [(s, offs[a][s], r, starts[a][s], lens[a][s]) for s, r in enumerate(ranks[a])
+                           if r > 0 and lens[a][s] > 0], scales[a]) for a, rows in groups]
+
+    per_slot = _cached(cache, ("expand", _ptr(idx), _ptr(b_offset), _ptr(rank), _ptr(out_start), _ptr(out_len),
+                                _ptr(scale)), plan)
+    buf = _slot_buffers(pool, page_table, cache)
     R = h.shape[2]
-    # B_s is (out_len, rank) row-major: its row stride is the slot's own rank.
-    B = gather_paged(pool, page_table, b_offset.long(), n_max, rank.long(), out_len, rank)  # (S, ns, N, r_max)
-    r_max = B.shape[3]
-    slot = idx[rows].long()
-    hr = h[rows, :, :min(R, r_max)]
-    delta = torch.einsum("tsr,tsnr->tsn", hr, B[slot][..., :hr.shape[2]]) * scale[slot][:, None, None].float()
-    n = torch.arange(n_max, device=y.device)
-    live = (n < out_len[slot][:, :, None]) & (rank[slot][:, :, None] > 0)   # (Tr, ns, N)
-    cols = out_start[slot][:, :, None].long() + n                           # (Tr, ns, N)
-    t_idx = torch.arange(len(rows), device=y.device)[:, None, None].expand_as(cols)
-    acc = y[rows].float()
-    acc.index_put_((t_idx[live], cols[live]), delta[live], accumulate=True)  # slices write disjoint columns
-    y[rows] = acc.to(y.dtype)
+    for a, rows, slices, sc in per_slot:
+        if not slices:
+            continue
+        ha = h[rows]
+        ya = y[rows].float()
+        for s, off, r, o, n in slices:
+            # B_s is (out_len, rank) row-major; h holds at most R of its columns.
+            B = buf[a, off:off + n * r].view(n, r)[:, :min(r, R)]
+            ya[:, o:o + n] += (ha[:, s, :B.shape[1]] @ B.T) * sc
+        y[rows] = ya.to(y.dtype)
     return y

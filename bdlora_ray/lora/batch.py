@@ -71,7 +71,7 @@ class LoraBatch:
     scale: Tensor                # (S,) float32
     pool: Tensor                 # (num_layers, num_pages, P): this rank's unified pool
     groups: dict[str, GroupMeta]
-    segments: Any = None         # rows grouped by slot for the Triton kernels, shared by every layer
+    segments: Any = None         # kernels.plan_segments: what every layer's kernels share this step
 
     @classmethod
     def build(cls, slots: list[AdapterSlot], idx: Tensor, pool: Tensor, cfg: LlamaConfig,
