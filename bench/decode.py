@@ -9,7 +9,7 @@ sequence decodes (prefill and adapter loads excluded).
 
     python bench/decode.py [--tp 2] [--batch 64] [--steps 8] [--rank 16] [--json PATH]
 
-On this CPU the LoRA part runs the torch reference kernels; the ratios,
+On this CPU the LoRA part runs the torch kernel backend; the ratios,
 not the absolute numbers, are the result. Prints a table, ratios last.
 """
 
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
     ratios[f"bd / slora ({k} adapters)"] = bd / by[f"{k} adapters slora"]
     ratios[f"bd / replicated ({k} adapters)"] = bd / by[f"{k} adapters replicated"]
     return {"config": {"model": cfg.name, "tp": args.tp, "batch": args.batch, "steps": args.steps,
-                       "rank": args.rank, "device": "cpu", "kernels": "torch reference"},
+                       "rank": args.rank, "device": "cpu", "kernels": "torch backend"},
             "rows": rows, "ratios": ratios}
 
 

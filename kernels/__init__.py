@@ -6,7 +6,8 @@ one of three backends:
 
 - "triton": the Triton kernels in `lora_shrink_op.py` / `lora_expand_op.py`
   (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 in tests);
-- "torch": vectorised torch ops (`lora_torch.py`), the CPU serving path;
+- "torch": torch ops (`lora_torch.py`), the CPU serving path: per adapter, one
+  product over all its rows with views of its factors in the gathered pages;
 - "reference": the loop-per-adapter references (`lora_ref.py`), the spec.
 
 The backend is, first to last: the call's `backend` keyword, `set_backend`,
