@@ -369,22 +369,21 @@ class EngineGroup:
     async def abort(self, request_id: str) -> None:
         await self.workers[0].abort.remote(request_id)
 
-    async def load_adapter(self, name: str) -> None:
-        check_name(name)
+    async def _on_rank0(self, method: str, *args: Any) -> Any:
+        """Rank 0's `method`, its typed error raised as such."""
         try:
-            await self.workers[0].load_adapter.remote(name)
+            return await getattr(self.workers[0], method).remote(*args)
         except ray.exceptions.RayTaskError as e:
             raise unwrap(e) from None
+
+    async def load_adapter(self, name: str) -> None:
+        await self._on_rank0("load_adapter", check_name(name))
         self._resident.add(name)
 
     async def unload_adapter(self, name: str) -> None:
         """Evict it from the pool and the store's host cache: the next use reads S3 again (a re-pushed
         adapter is served in its new version, a deleted one is not found)."""
-        check_name(name)
-        try:
-            await self.workers[0].unload_adapter.remote(name)
-        except ray.exceptions.RayTaskError as e:
-            raise unwrap(e) from None
+        await self._on_rank0("unload_adapter", check_name(name))
         self._resident.discard(name)
         await self.store.invalidate.remote(name)
 

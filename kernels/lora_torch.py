@@ -4,8 +4,9 @@ Same signatures and semantics as `lora_ref` (read that first). Per layer,
 one indexing op gathers the pages of every slot the batch uses (their
 virtual buffers, which hold every target's factors); then, as Punica's SGMV
 does, each adapter's rows are multiplied by views of its factors in that
-buffer, all its rows at once. What every layer shares (page positions, rows
-per slot, offsets) comes from a per-batch `StepCache` and is computed once.
+buffer, all its rows at once. What every layer shares (rows per slot, the
+factors' offsets and ranks) comes from a per-batch `StepCache` and is
+computed once.
 """
 
 from __future__ import annotations
@@ -18,19 +19,28 @@ from torch import Tensor
 
 
 class StepCache:
-    """What every layer of one batch shares on the torch path: where each slot's factors sit in a
-    layer's pool (the page ids are the same in every layer) and which rows use which slot.
+    """What every layer of one batch shares on the torch path: which rows use which slot and
+    where each slot's factors sit in its pages (the page ids are the same in every layer).
     Computed at the first layer, reused by the others. Entries are keyed by the batch's tensors'
     storage, so one cache serves one batch (whose tensors live as long as it does)."""
 
     def __init__(self) -> None:
         self._entries: dict[tuple, Any] = {}
+        self._latest: dict[str, tuple[tuple, Any]] = {}
 
     def get(self, key: tuple, make: Callable[[], Any]) -> Any:
         value = self._entries.get(key)
         if value is None:
             value = self._entries[key] = make()
         return value
+
+    def latest(self, kind: str, key: tuple, make: Callable[[], Any]) -> Any:
+        """Like `get`, but keeping only the newest `key` of each `kind` (per-layer data: the next
+        layer's replaces it, so a step never holds every layer's)."""
+        held = self._latest.get(kind)
+        if held is None or held[0] != key:
+            held = self._latest[kind] = (key, make())
+        return held[1]
 
 
 def _ptr(t: Tensor | int) -> int | tuple:
@@ -44,14 +54,12 @@ def _cached(cache: StepCache | None, key: tuple, make: Callable[[], Any]) -> Any
 def _slot_buffers(pool: Tensor, page_table: Tensor, cache: StepCache | None) -> Tensor:
     """Every slot's virtual buffer in this layer's pool: (S, max_pages * P) float32. The last
     layer's is kept in the cache: shrink and expand of one linear share it."""
-    key = ("buffers", pool.data_ptr(), _ptr(page_table))
-    if cache is not None and cache._entries.get("buffers", (None,))[0] == key:
-        return cache._entries["buffers"][1]
-    pages = _cached(cache, ("pages", _ptr(page_table)), lambda: page_table.reshape(-1).long())
-    buf = pool.index_select(0, pages).view(page_table.shape[0], -1).float()  # whole pages: row copies
-    if cache is not None:
-        cache._entries["buffers"] = (key, buf)
-    return buf
+    def make() -> Tensor:  # whole pages: row copies
+        return pool.index_select(0, page_table.reshape(-1).long()).view(page_table.shape[0], -1).float()
+
+    if cache is None:
+        return make()
+    return cache.latest("buffers", (pool.data_ptr(), _ptr(page_table)), make)
 
 
 def _slot_rows(idx: Tensor, cache: StepCache | None) -> list[tuple[int, Tensor]]:
