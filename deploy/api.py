@@ -275,38 +275,87 @@ class _Accounting:
             self.metrics.generation_done(self.adapter, self.prompt, self.completion)
 
 
-def make_api(router: Router, config: ApiConfig, metrics: ApiMetrics | None = None) -> FastAPI:
-    metrics = metrics or ApiMetrics(config.max_adapter_labels)
-    api = FastAPI(title="bdlora-ray", summary="OpenAI-compatible API: one Llama, thousands of LoRA adapters")
-    api.add_exception_handler(BdloraError, _bdlora_error)
-    api.add_exception_handler(RequestValidationError, _validation_error)
-    api.add_exception_handler(StarletteHTTPException, _http_error)
-    api.add_exception_handler(Exception, _internal_error)
-    api.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-    api.add_middleware(RequestMetrics, metrics=metrics)  # added last = outermost: sees 413s too
-    if not config.admin_token:
-        log.warning("BDLORA_ADMIN_TOKEN is not set: POST/DELETE /v1/adapters are open to any client")
+class OpenAIRoutes:
+    """The API's route handlers, one method per route; `make_api` registers them (see `ROUTES`)."""
 
-    def require_admin(request: Request) -> None:
-        if not config.admin_token:
+    def __init__(self, router: Router, config: ApiConfig, metrics: ApiMetrics) -> None:
+        self.router, self.config, self.metrics = router, config, metrics
+
+    # ---- routes ---------------------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest) -> Response:
+        params = body.sampling_params(body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS)
+        p = body.prompt
+        inp = PromptInput(f"cmpl-{uuid.uuid4().hex}", self.adapter_of(body.model), params,
+                          text=p if isinstance(p, str) else None, token_ids=None if isinstance(p, str) else tuple(p))
+        return await self.generate(inp, body.stream, body.include_usage, _Format())
+
+    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+        adapter = self.adapter_of(body.model)
+        wanted = body.requested_max_tokens
+        params = body.sampling_params(wanted or 1)  # without max_tokens: the rest of the context, set by the group
+        messages = tuple((m["role"], m["content"]) for m in body.chat())
+        inp = PromptInput(f"chatcmpl-{uuid.uuid4().hex}", adapter, params, messages=messages,
+                          max_tokens_from_context=wanted is None)
+        return await self.generate(inp, body.stream, body.include_usage, _ChatFormat())
+
+    async def models(self) -> dict:
+        base = self.config.model_name
+        cards = [ModelCard(id=base, root=base)]
+        for a in await self.router.list_adapters():
+            if a.get("error"):
+                continue  # in the store but not servable here; `bdlora ls` shows why
+            cards.append(ModelCard(id=a["name"], root=base, parent=base, rank=a.get("rank"), mode=a.get("mode")))
+        return ModelList(data=cards).model_dump()
+
+    async def load_adapter(self, body: AdapterLoadRequest) -> dict:
+        name = check_name(body.name)
+        await self.router.load_adapter(name)
+        return {"object": "adapter", "name": name, "status": "loaded"}
+
+    async def unload_adapter(self, name: str) -> dict:
+        name = check_name(name)
+        groups = await self.router.unload_adapter(name)
+        return {"object": "adapter", "name": name, "status": "unloaded", "groups": groups}
+
+    async def health(self) -> dict:
+        await self.router.check_health()
+        return {"status": "ok"}
+
+    async def prometheus(self) -> Response:
+        try:
+            self.metrics.groups.update(await self.router.stats())
+        except BdloraError as e:
+            log.warning("no engine stats for /metrics: %s", e)
+            self.metrics.groups.update([])
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- shared by the routes -------------------------------------------------------------------
+
+    def require_admin(self, request: Request) -> None:
+        """A dependency of the admin routes: 401 unless the request carries the admin token (if one is set)."""
+        admin_token = self.config.admin_token
+        if not admin_token:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         # compare_digest: the time taken does not reveal how much of the token matched.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.admin_token.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), admin_token.encode()):
             raise Unauthorized("this endpoint needs 'Authorization: Bearer <admin token>'")
 
-    def adapter_of(model: str) -> str | None:
-        return None if model == config.model_name else check_name(model)
+    def adapter_of(self, model: str) -> str | None:
+        """The adapter a request's `model` names; None for the base model."""
+        return None if model == self.config.model_name else check_name(model)
 
-    async def generate(inp: PromptInput, stream: bool, include_usage: bool, fmt: _Format) -> Response:
-        start, model = time.monotonic(), inp.adapter or config.model_name
-        events = coalesced(router.generate(inp))  # what came while a chunk was being sent goes as one
+    async def generate(self, inp: PromptInput, stream: bool, include_usage: bool, fmt: _Format) -> Response:
+        """Runs one request: a JSON response, or an SSE stream once its first event has arrived."""
+        start, model = time.monotonic(), inp.adapter or self.config.model_name
+        events = coalesced(self.router.generate(inp))  # what came while a chunk was being sent goes as one
         try:
             first = await anext(events)  # typed errors surface here, before the response starts
         except BaseException:
             await events.aclose()
             raise
-        acct = _Accounting(metrics, inp.adapter, start)
+        acct = _Accounting(self.metrics, inp.adapter, start)
         if stream:
             return SSEResponse(_stream(first, events, inp.request_id, model, include_usage, fmt, acct),
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -325,87 +374,63 @@ def make_api(router: Router, config: ApiConfig, metrics: ApiMetrics | None = Non
             raise _engine_error(ev).error()
         return JSONResponse(fmt.response(inp.request_id, model, "".join(text), ev.finish_reason, acct.usage()))
 
-    async def _stream(first: RequestOutput, events: AsyncGenerator[RequestOutput, None], rid: str, model: str,
-                      include_usage: bool, fmt: _Format, acct: _Accounting) -> AsyncIterator[str]:
-        try:
-            for c in fmt.opening(rid, model):
+
+async def _stream(first: RequestOutput, events: AsyncGenerator[RequestOutput, None], rid: str, model: str,
+                  include_usage: bool, fmt: _Format, acct: _Accounting) -> AsyncIterator[str]:
+    """One request's server-sent events, starting from its first engine event; ends with [DONE]."""
+    try:
+        for c in fmt.opening(rid, model):
+            yield sse(c)
+        ev = first
+        while True:
+            acct.see(ev)
+            if ev.finish_reason == "error":
+                e = _engine_error(ev)
+                yield sse(error_body(e.message, error_type(e.status), e.code))
+                break
+            for c in fmt.chunk(rid, model, ev.text, ev.finish_reason if ev.finished else None):
                 yield sse(c)
-            ev = first
-            while True:
-                acct.see(ev)
-                if ev.finish_reason == "error":
-                    e = _engine_error(ev)
-                    yield sse(error_body(e.message, error_type(e.status), e.code))
-                    break
-                for c in fmt.chunk(rid, model, ev.text, ev.finish_reason if ev.finished else None):
-                    yield sse(c)
-                if ev.finished:
-                    if include_usage:
-                        yield sse(fmt.usage_chunk(rid, model, acct.usage()))
-                    break
-                try:
-                    ev = await anext(events)
-                except BdloraError as e:  # headers are sent: report it in the stream
-                    yield sse(error_body(str(e), error_type(e.http_status), e.code))
-                    break
-            yield sse("[DONE]")
-        finally:
-            acct.end()
-            await events.aclose()  # not finished (client gone): aborts the request
+            if ev.finished:
+                if include_usage:
+                    yield sse(fmt.usage_chunk(rid, model, acct.usage()))
+                break
+            try:
+                ev = await anext(events)
+            except BdloraError as e:  # headers are sent: report it in the stream
+                yield sse(error_body(str(e), error_type(e.http_status), e.code))
+                break
+        yield sse("[DONE]")
+    finally:
+        acct.end()
+        await events.aclose()  # not finished (client gone): aborts the request
 
-    @api.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
-        adapter = adapter_of(body.model)
-        params = body.sampling_params(body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS)
-        p = body.prompt
-        inp = PromptInput(f"cmpl-{uuid.uuid4().hex}", adapter, params, text=p if isinstance(p, str) else None,
-                          token_ids=None if isinstance(p, str) else tuple(p))
-        return await generate(inp, body.stream, body.include_usage, _Format())
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
-        adapter = adapter_of(body.model)
-        wanted = body.requested_max_tokens
-        params = body.sampling_params(wanted or 1)  # without max_tokens: the rest of the context, set by the group
-        messages = tuple((m["role"], m["content"]) for m in body.chat())
-        inp = PromptInput(f"chatcmpl-{uuid.uuid4().hex}", adapter, params, messages=messages,
-                          max_tokens_from_context=wanted is None)
-        return await generate(inp, body.stream, body.include_usage, _ChatFormat())
+# (method, path, OpenAIRoutes handler, needs the admin token)
+ROUTES: tuple[tuple[str, str, str, bool], ...] = (
+    ("POST", "/v1/completions", "completions", False),
+    ("POST", "/v1/chat/completions", "chat_completions", False),
+    ("GET", "/v1/models", "models", False),
+    ("POST", "/v1/adapters", "load_adapter", True),
+    ("DELETE", "/v1/adapters/{name}", "unload_adapter", True),
+    ("GET", "/health", "health", False),
+    ("GET", "/metrics", "prometheus", False),
+)
 
-    @api.get("/v1/models")
-    async def models() -> dict:
-        base = config.model_name
-        cards = [ModelCard(id=base, root=base)]
-        for a in await router.list_adapters():
-            if a.get("error"):
-                continue  # in the store but not servable here; `bdlora ls` shows why
-            cards.append(ModelCard(id=a["name"], root=base, parent=base, rank=a.get("rank"), mode=a.get("mode")))
-        return ModelList(data=cards).model_dump()
 
-    @api.post("/v1/adapters", dependencies=[Depends(require_admin)])
-    async def load_adapter(body: AdapterLoadRequest) -> dict:
-        name = check_name(body.name)
-        await router.load_adapter(name)
-        return {"object": "adapter", "name": name, "status": "loaded"}
-
-    @api.delete("/v1/adapters/{name}", dependencies=[Depends(require_admin)])
-    async def unload_adapter(name: str) -> dict:
-        name = check_name(name)
-        groups = await router.unload_adapter(name)
-        return {"object": "adapter", "name": name, "status": "unloaded", "groups": groups}
-
-    @api.get("/health")
-    async def health() -> dict:
-        await router.check_health()
-        return {"status": "ok"}
-
-    @api.get("/metrics")
-    async def prometheus() -> Response:
-        try:
-            metrics.groups.update(await router.stats())
-        except BdloraError as e:
-            log.warning("no engine stats for /metrics: %s", e)
-            metrics.groups.update([])
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+def make_api(router: Router, config: ApiConfig, metrics: ApiMetrics | None = None) -> FastAPI:
+    """The FastAPI app: `OpenAIRoutes` at `ROUTES`, with the error handlers and middleware."""
+    metrics = metrics or ApiMetrics(config.max_adapter_labels)
+    api = FastAPI(title="bdlora-ray", summary="OpenAI-compatible API: one Llama, thousands of LoRA adapters")
+    api.add_exception_handler(BdloraError, _bdlora_error)
+    api.add_exception_handler(RequestValidationError, _validation_error)
+    api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_exception_handler(Exception, _internal_error)
+    api.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    api.add_middleware(RequestMetrics, metrics=metrics)  # added last = outermost: sees 413s too
+    if not config.admin_token:
+        log.warning("BDLORA_ADMIN_TOKEN is not set: POST/DELETE /v1/adapters are open to any client")
+    routes = OpenAIRoutes(router, config, metrics)
+    for method, path, handler, admin in ROUTES:
+        api.add_api_route(path, getattr(routes, handler), methods=[method],
+                          dependencies=[Depends(routes.require_admin)] if admin else None)
     return api
