@@ -84,23 +84,35 @@ def _attend_paged(q: Tensor, k: Tensor, v: Tensor, meta: AttentionMeta, layer: i
     if len(plan.decode_rows):
         kd = kv[plan.read_page, 0, plan.read_slot].to(q.dtype)   # (D, L, nkv, hd)
         vd = kv[plan.read_page, 1, plan.read_slot].to(q.dtype)
-        o = F.scaled_dot_product_attention(
-            q[plan.decode_rows].unsqueeze(2), kd.transpose(1, 2), vd.transpose(1, 2),  # (D, heads, 1|L, hd)
-            attn_mask=plan.read_mask, enable_gqa=True)
-        out[plan.decode_rows] = o.squeeze(2)
+        out[plan.decode_rows] = _decode(q[plan.decode_rows], kd, vd, plan.read_mask)
     for row, n, page, slot in plan.prefill:
         out[row:row + n] = _causal(q[row:row + n], kv[page, 0, slot].to(q.dtype), kv[page, 1, slot].to(q.dtype))
     return out
 
 
+def _decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """One query row per sequence: q (D, nh, hd); k, v (D, L, nkv, hd); mask (D, 1, 1, L) -> (D, nh, hd).
+
+    The nh / nkv query heads that share a KV head are laid out as that head's query rows, so the
+    attention runs over the KV heads as they are: no K/V repeated per query head, and no
+    `enable_gqa`, which on CUDA together with a mask leaves only the math backend (full score
+    matrices in memory); a boolean mask alone is served by the memory-efficient kernel."""
+    D, nh, hd = q.shape
+    nkv = k.shape[2]
+    qg = q.view(D, nkv, nh // nkv, hd)                                                # (D, nkv, g, hd)
+    o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)  # (D, nkv, g, hd)
+    return o.reshape(D, nh, hd)
+
+
 def _causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """One sequence: q (n, nh, hd) at the last n of the total positions of k, v (total, nkv, hd)."""
     n, total = q.shape[0], k.shape[0]
-    # Row j sits at absolute position total - n + j and sees keys <= it.
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, n|total, hd)
+    if n == total:  # the whole sequence is new: plain causal, no mask, so CUDA can use flash attention
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True).transpose(0, 1)
+    # Row j sits at absolute position total - n + j and sees keys <= it (SDPA's is_causal is top-left aligned).
     mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # (heads, n|total, hd)
-                                       attn_mask=mask, enable_gqa=True)
-    return o.transpose(0, 1)
+    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True).transpose(0, 1)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, meta: AttentionMeta, layer: int) -> Tensor:

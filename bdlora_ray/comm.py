@@ -30,6 +30,10 @@ class Comm:
         """Stack every rank's `t`: (world_size, *t.shape)."""
         return t.unsqueeze(0)
 
+    def gather(self, t: Tensor, dst: int = 0) -> Tensor | None:
+        """Every rank's `t` stacked on rank `dst` only: (world_size, *t.shape) there, None elsewhere."""
+        return t.unsqueeze(0)
+
     def broadcast(self, t: Tensor, src: int = 0) -> Tensor:
         return t
 
@@ -45,6 +49,8 @@ class DistComm(Comm):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        # Gloo has no all_gather_into_tensor for every device and version; NCCL prefers it.
+        self.nccl = dist.get_backend(group) == "nccl"
 
     def all_reduce(self, t: Tensor) -> Tensor:
         self.counts["all_reduce"] += 1
@@ -55,8 +61,18 @@ class DistComm(Comm):
         self.counts["all_gather"] += 1
         t = t.contiguous()
         out = torch.empty((self.world_size, *t.shape), dtype=t.dtype, device=t.device)
-        dist.all_gather_into_tensor(out, t, group=self.group) if t.is_cuda else \
+        dist.all_gather_into_tensor(out, t, group=self.group) if self.nccl else \
             dist.all_gather(list(out.unbind(0)), t, group=self.group)
+        return out
+
+    def gather(self, t: Tensor, dst: int = 0) -> Tensor | None:
+        self.counts["gather"] += 1
+        t = t.contiguous()
+        if self.rank != dst:
+            dist.gather(t, None, dst=dst, group=self.group)
+            return None
+        out = torch.empty((self.world_size, *t.shape), dtype=t.dtype, device=t.device)
+        dist.gather(t, list(out.unbind(0)), dst=dst, group=self.group)
         return out
 
     def broadcast(self, t: Tensor, src: int = 0) -> Tensor:
@@ -65,9 +81,16 @@ class DistComm(Comm):
         return t
 
 
-def init_distributed(rank: int, world_size: int, init_method: str, backend: str | None = None) -> DistComm:
-    """Join (or form) the default process group; gloo on CPU, nccl when CUDA is there."""
+def init_distributed(rank: int, world_size: int, init_method: str, backend: str | None = None,
+                     local_rank: int | None = None) -> DistComm:
+    """Join (or form) the default process group; gloo on CPU, nccl when CUDA is there.
+
+    With CUDA, the process first binds its GPU: `local_rank` (default: rank modulo the GPUs it
+    sees; 0 for a Ray actor, which sees only its own). NCCL takes the current device at its
+    set-up, so without this every rank of a process that sees several GPUs would use GPU 0."""
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank if local_rank is not None else rank % torch.cuda.device_count())
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     return DistComm()

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from bdlora_ray.errors import AdapterInUse, BdloraError, InvalidRequest, Overloaded, PoolExhausted, ReplicaGroupFailed
 from bdlora_ray.request import GenerationRequest, RequestOutput
-from bdlora_ray.sampling import make_generator, sample
+from bdlora_ray.sampling import SamplingError, make_generator, sample
 from bdlora_ray.scheduler import PoolLog, Scheduler, Sequence
 from bdlora_ray.worker import TPWorker
 
@@ -177,6 +177,10 @@ class Engine:
         self.steps += 1
         tokens = sample(logits, [s.req.params for s in sched.seqs], [s.generator for s in sched.seqs])
         for seq, tok in zip(sched.seqs, tokens):
+            if isinstance(tok, SamplingError):  # that request fails; the batch and the loop go on
+                self.counters["sampling_errors"] += 1
+                self._fail(seq, tok)
+                continue
             seq.num_computed = len(seq.tokens)
             seq.tokens.append(tok)
             self._emit(seq, tok)

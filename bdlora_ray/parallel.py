@@ -105,7 +105,8 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(nn.Module):
-    """Vocab-parallel output projection; logits gathered from every rank."""
+    """Vocab-parallel output projection: this rank's slice of the logits (T, V/N). Assembling
+    them is `TPModel`'s: to every rank, or to rank 0 only when only rank 0 samples."""
 
     def __init__(self, embedding_or_dim: VocabParallelEmbedding | int, vocab_size: int, comm: Comm) -> None:
         super().__init__()
@@ -119,8 +120,4 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.tied.weight if self.tied is not None else self.weight
-        logits = F.linear(x, w)  # (T, V/N)
-        if self.comm.world_size == 1:
-            return logits
-        gathered = self.comm.all_gather(logits)  # (N, T, V/N)
-        return gathered.permute(1, 0, 2).reshape(x.shape[0], -1)
+        return F.linear(x, w)  # (T, V/N)

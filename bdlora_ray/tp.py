@@ -9,6 +9,7 @@ checkpoint as ONLY this rank's slice (`safe_open(...).get_slice`).
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import torch
@@ -93,25 +94,76 @@ def load_rank_weights(model: Transformer, reader: CheckpointReader, comm: Comm) 
         block.feed_forward.w2.weight.copy_(cols(p + "mlp.down_proj.weight"))
 
 
-class TPModel:
-    """One rank's sharded Llama plus the LoRA context its linears read."""
+class RandomWeights:
+    """A stand-in for a checkpoint, with CheckpointReader's `read`: seeded random slices made
+    directly on `device` in `dtype` (benchmarks of large shapes need no file and no host copy).
+    Each (tensor, part) has its own seed, so every rank draws only its slices."""
 
-    def __init__(self, cfg: LlamaConfig, checkpoint: str | Path, comm: Comm,
+    def __init__(self, cfg: LlamaConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                 seed: int = 0, std: float = 0.02) -> None:
+        self.cfg, self.device, self.dtype, self.seed, self.std = cfg, torch.device(device), dtype, seed, std
+        self.shapes = self._shapes(cfg)
+
+    @staticmethod
+    def _shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+        H, V = cfg.hidden_size, cfg.vocab_size
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+        if not cfg.tie_word_embeddings:
+            shapes["lm_head.weight"] = (V, H)
+        for l in range(cfg.num_layers):
+            p = f"model.layers.{l}."
+            shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (H,)
+            for t in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                shapes[f"{p}self_attn.{t}.weight"] = (cfg.out_features(t), cfg.in_features(t))
+            for t in ("gate_proj", "up_proj", "down_proj"):
+                shapes[f"{p}mlp.{t}.weight"] = (cfg.out_features(t), cfg.in_features(t))
+        return shapes
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def read(self, name: str, dim: int | None = None, part: int = 0, parts: int = 1) -> Tensor:
+        shape = list(self.shapes[name])
+        if dim is not None:
+            shape[dim] //= parts
+        if len(shape) == 1:  # norms: near 1, as trained ones are
+            return torch.ones(shape, dtype=self.dtype, device=self.device)
+        g = torch.Generator(device=self.device)
+        g.manual_seed(zlib.crc32(f"{self.seed}/{name}/{part}".encode()))  # stable across processes
+        w = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return w.normal_(0.0, self.std, generator=g)
+
+
+class TPModel:
+    """One rank's sharded Llama plus the LoRA context its linears read.
+
+    `weights`: an HF checkpoint directory, or any object with CheckpointReader's `read`
+    (e.g. `RandomWeights`). Parameters are created in `dtype` on the meta device and only then
+    allocated on `device`, so no float32 copy of the model ever exists there."""
+
+    def __init__(self, cfg: LlamaConfig, weights: str | Path | CheckpointReader | RandomWeights, comm: Comm,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.cfg, self.comm, self.device, self.dtype = cfg, comm, torch.device(device), dtype
         self.ctx = LoraContext()
-        with torch.device("meta"):
+        with torch.device("meta"):  # the parallel layers too: nothing is allocated before to_empty
             model = Transformer(cfg)
-        shard_model(model, comm, self.ctx)
-        model = model.to_empty(device=self.device).to(dtype)
-        load_rank_weights(model, CheckpointReader(checkpoint), comm)
+            shard_model(model, comm, self.ctx)
+        model = model.to(dtype=dtype).to_empty(device=self.device)
+        reader = weights if hasattr(weights, "read") else CheckpointReader(weights)
+        load_rank_weights(model, reader, comm)
         self.model = model.eval()
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMeta,
-                lora: LoraBatch | None = None, logits_rows: Tensor | None = None) -> Tensor:
+                lora: LoraBatch | None = None, logits_rows: Tensor | None = None) -> Tensor | None:
+        """Logits (T, vocab) float32 on every rank; or, with `logits_rows` (the rows rank 0
+        samples), only those rows' logits, gathered to rank 0 alone (other ranks get None)."""
         self.ctx.batch = lora
         try:
-            return self.model(input_ids.to(self.device), positions.to(self.device), meta, logits_rows)
+            local = self.model(input_ids.to(self.device), positions.to(self.device), meta, logits_rows)  # (T, V/N)
         finally:
             self.ctx.batch = None
+        if self.comm.world_size == 1:
+            return local
+        parts = self.comm.gather(local) if logits_rows is not None else self.comm.all_gather(local)  # (N, T, V/N)
+        return None if parts is None else parts.permute(1, 0, 2).reshape(local.shape[0], -1)

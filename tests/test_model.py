@@ -84,8 +84,21 @@ def test_tp2_logits_match_hf_peft(world, tp2):
     singles, results = tp2
     (out0, _), (out1, _) = results
     _check_singles(world, singles, out0)
-    for k in out0:  # every rank ends with the same full logits
+    assert "sampled" in out0 and "sampled" not in out1
+    for k in out1:  # every rank ends with the same full logits
         assert torch.equal(out0[k], out1[k]), k
+
+
+def test_sampled_rows_reach_rank0_only(tp2):
+    """The engine's forward (logits of each sequence's last row, which rank 0 samples) gathers
+    them to rank 0 alone: a gather instead of every rank receiving the full vocabulary."""
+    _, [(out0, counts0), (_, counts1)] = tp2
+    last = torch.tensor([len(p) for p in (out0[f"alone.{i}"] for i in range(len(BATCH)))]).cumsum(0) - 1
+    rows = torch.cat([out0[f"batch.{i}"] for i in range(len(BATCH))])[last]
+    assert (out0["sampled"] - rows).abs().max() <= ROW_TOL
+    for counts in (counts0, counts1):
+        full = counts["batch"]
+        assert counts["sampled"] == {**full, "all_gather": full["all_gather"] - 1, "gather": 1}
 
 
 def test_adapters_change_the_output(world, tp2):

@@ -51,7 +51,8 @@ def load_pool(cfg: LlamaConfig, job: Job, tp_rank: int, tp: int) -> tuple[torch.
     return pool, slots
 
 
-def forward(model: TPModel, pool, slots: dict[str, AdapterSlot], seqs: list[tuple[str | None, list[int]]]):
+def forward(model: TPModel, pool, slots: dict[str, AdapterSlot], seqs: list[tuple[str | None, list[int]]],
+            logits_rows: torch.Tensor | None = None):
     names = sorted({n for n, _ in seqs if n is not None})
     ids = torch.tensor([t for _, p in seqs for t in p])
     pos = torch.cat([torch.arange(len(p)) for _, p in seqs])
@@ -59,7 +60,7 @@ def forward(model: TPModel, pool, slots: dict[str, AdapterSlot], seqs: list[tupl
     lora = LoraBatch.build([slots[n] for n in names], idx, pool, model.cfg, model.comm.rank,
                            model.comm.world_size) if names else None
     model.comm.reset_counts()
-    logits = model.forward(ids, pos, AttentionMeta([len(p) for _, p in seqs]), lora)
+    logits = model.forward(ids, pos, AttentionMeta([len(p) for _, p in seqs]), lora, logits_rows)
     return logits, dict(model.comm.counts)
 
 
@@ -76,6 +77,11 @@ def run(job: Job, comm: Comm) -> tuple[dict[str, torch.Tensor], dict]:
             out[f"batch.{i}"] = logits[row:row + len(p)]
             out[f"alone.{i}"], _ = forward(model, pool, slots, [job.batch[i]])
             row += len(p)
+        # As the engine asks: each sequence's last row only, which only rank 0 samples.
+        last = torch.tensor([len(p) for _, p in job.batch]).cumsum(0) - 1
+        sampled, counts["sampled"] = forward(model, pool, slots, job.batch, last)
+        if sampled is not None:
+            out["sampled"] = sampled
     return out, counts
 
 
