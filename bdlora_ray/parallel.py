@@ -36,16 +36,18 @@ def _expand(h: Tensor, y: Tensor, batch: LoraBatch, g: GroupMeta, layer: int) ->
 
 
 def _merge_gathered(h: Tensor, gathered: Tensor, batch: LoraBatch, g: GroupMeta) -> Tensor:
-    """For slora rows, h[t, s, :N*r] = concat over ranks j of gathered[j, t, s, :r]."""
-    n = gathered.shape[0]
-    h = h.clone()
-    for a in torch.unique(batch.idx[g.slora_rows]).tolist():
-        rows = (batch.idx == a).nonzero().squeeze(1)
-        for s in range(h.shape[1]):
-            r = int(g.rank_a[a, s])
-            if r:
-                h[rows, s, :n * r] = gathered[:, rows, s, :r].permute(1, 0, 2).reshape(len(rows), n * r)
-    return h
+    """For slora rows, h[t, s, :N*r] = concat over ranks j of gathered[j, t, s, :r], r = rank_a[idx[t], s].
+
+    One gather over all rows and slices, with no host sync (a loop over adapters would read
+    their ranks back to the host each layer)."""
+    n, T, S, R = gathered.shape                                     # gathered: (N, T, S, R)
+    r = g.rank_a[batch.idx.long().clamp(min=0)].long()[..., None]   # (T, S, 1) local rank of each row's slice
+    p = torch.arange(R, device=h.device)                            # (R,) position in the merged vector
+    rr = r.clamp(min=1)
+    src = (p // rr).clamp(max=n - 1) * R + p % rr                   # (T, S, R): rank j's element c at j*R + c
+    merged = gathered.permute(1, 2, 0, 3).reshape(T, S, n * R).gather(2, src)  # (T, S, R)
+    take = (p < n * r) & g.slora_rows[:, None, None]
+    return torch.where(take, merged.to(h.dtype), h)
 
 
 class _ParallelLinear(nn.Module):
