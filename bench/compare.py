@@ -1,7 +1,6 @@
 """What every serving comparison shares: a local server, adapters pushed to it, reports, and the CLI.
 
-    python -m bench.compare {modes,scaling,peft,cold} [options] [--json PATH] [--plot PATH]
-    bdlora bench {modes,scaling,peft,cold} ...      (the same, from a source checkout)
+    python -m bench {modes,scaling,peft,cold} [options] [--json PATH] [--plot PATH]
 
 `local_server` starts the whole system in this process's machine, as
 `serve run deploy:app` would: a moto S3 server in a subprocess on
@@ -152,7 +151,7 @@ def push_adapters(model_dir: Path, peft_root: Path, specs: Sequence[DemoAdapter]
                   workers: int = 8, progress: bool = True) -> dict[str, Path]:
     """Each adapter's PEFT directory (written if missing), pushed with `bdlora push`'s function,
     `workers` at a time over one S3 client (making a client costs more than uploading a tiny adapter)."""
-    from bdlora_ray.cli import push_adapter
+    from bdlora_ray.store.push import push_adapter
     from bdlora_ray.store.s3 import AdapterBucket
     from deploy.seed import ensure_bucket
 
@@ -386,7 +385,7 @@ def comparisons() -> dict[str, Any]:
     return {m.NAME: m for m in (modes, scaling, baseline_peft, cold)}
 
 
-def build_parser(prog: str = "python -m bench.compare") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="comparison", required=True)
     for name, mod in comparisons().items():
@@ -403,7 +402,7 @@ def build_parser(prog: str = "python -m bench.compare") -> argparse.ArgumentPars
     return p
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m bench.compare") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -422,7 +421,3 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.compare") -
           + (f" and {args.plot}" if args.plot else ""))
     print("\n".join(lines))  # the ratio is the last line
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

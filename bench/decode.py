@@ -7,7 +7,7 @@ rank 0 schedules and broadcasts each step, rank 1 follows. Scenarios:
 bd vs slora vs replicated. Decode tokens/s is timed over steps in which every
 sequence decodes (prefill and adapter loads excluded).
 
-    python bench/decode.py [--tp 2] [--batch 64] [--steps 8] [--rank 16] [--json PATH]
+    python -m bench decode [--tp 2] [--batch 64] [--steps 8] [--rank 16] [--json PATH]
 
 On this CPU the LoRA part runs the torch kernel backend; the ratios,
 not the absolute numbers, are the result. Prints a table, ratios last.

@@ -6,8 +6,8 @@ rank r/TP on each rank), adapters of mixed ranks scattered over a pool of
 512 slots. Prints a table and writes JSON. GB/s counts the bytes that must
 move: the weights of the distinct adapters in the batch plus activations.
 
-    python -m bench.kernels                      # CUDA sweep -> bench/out/kernels.json
-    python -m bench.kernels --device cpu --tiny  # smoke run under the Triton interpreter
+    python -m bench kernels                      # CUDA sweep -> bench/out/kernels.json
+    python -m bench kernels --device cpu --tiny  # smoke run under the Triton interpreter
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Plots of the comparisons' JSON results (matplotlib, Agg backend: no display needed).
 
-    python -m bench.plots bench/out/{modes,scaling,peft,cold}.json -o bench/plots/summary.png
+    python -m bench plots bench/out/{modes,scaling,peft,cold}.json -o bench/plots/summary.png
 
 `plot(name, result, path)` draws one comparison (what `--plot` writes);
 `summary(results, path)` puts every comparison given into one figure.

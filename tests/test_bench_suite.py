@@ -277,22 +277,40 @@ def test_equal_parameter_rank_is_computed_from_the_shapes():
     assert r == best == 24
 
 
-def test_cli_lists_bench_and_keeps_push_and_ls(capsys):
+def test_bench_entry_point_lists_comparisons_and_programs():
+    p = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    listed = {line.split()[0] for line in p.stdout.splitlines() if line.startswith("  ")}
+    assert listed == {"modes", "scaling", "peft", "cold", "decode", "kernels", "packing", "plots"} | {
+        path.stem for path in (ROOT / "bench").glob("*.py") if 'if __name__ == "__main__":' in path.read_text()
+        and path.stem not in ("__main__", "compare")}
+    bad = subprocess.run([sys.executable, "-m", "bench", "no-such-bench"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "unknown benchmark 'no-such-bench'" in bad.stderr
+
+
+def test_bench_entry_point_runs_a_program_with_its_options(tmp_path):
+    """`python -m bench packing ...` is `python -m bench.packing ...`: options reach it, it writes its JSON."""
+    out = tmp_path / "packing.json"
+    p = subprocess.run([sys.executable, "-m", "bench", "packing", "--tp", "2", "--gib", "0.5", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1].startswith("ratio unified/fixed:")
+    assert json.loads(out.read_text())["tp"] == 2
+
+
+def test_cli_has_no_bench_command():
     from bdlora_ray import cli
 
-    with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "--help"])
-    assert e.value.code == 0
-    out = capsys.readouterr().out
-    assert "bdlora bench" in out and all(name in out for name in ("modes", "scaling", "peft", "cold"))
-    assert {"push", "ls", "bench"} <= set(cli.build_parser()._subparsers._group_actions[0].choices)
+    assert set(cli.build_parser()._subparsers._group_actions[0].choices) == {"push", "ls"}
 
 
 @pytest.mark.slow
 def test_modes_comparison_end_to_end_tiny(tmp_path):
-    """`bdlora bench modes` at the smallest size: a real server, all three modes, table, JSON, plot."""
+    """`python -m bench modes` at the smallest size: a real server, all three modes, table, JSON, plot."""
     out, png = tmp_path / "modes.json", tmp_path / "modes.png"
-    cmd = [sys.executable, "-m", "bdlora_ray.cli", "bench", "modes", "--adapters", "1", "--lora-rank", "4",
+    cmd = [sys.executable, "-m", "bench", "modes", "--adapters", "1", "--lora-rank", "4",
            "--requests", "3", "--rate", "50", "--output-len", "2-3", "--input-len", "4-8", "--repeats", "1",
            "--pages", "256", "--no-progress", "--json", str(out), "--plot", str(png)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -304,5 +322,5 @@ def test_modes_comparison_end_to_end_tiny(tmp_path):
     assert [r["name"] for r in result["runs"]] == ["bd", "slora", "replicated"]
     assert all(r["summary"]["ok"] == 3 and r["summary"]["errors"] == 0 for r in result["runs"])
     assert result["config"]["bd_rank"] == 6 and set(result["ratios"]) == {"bd / slora", "bd / replicated"}
-    assert result["command"].startswith("bdlora bench modes")
+    assert result["command"].startswith("python -m bench modes")
     assert png.stat().st_size > 1000

@@ -1,0 +1,82 @@
+"""The layout as a newcomer reads it: the engine (bdlora_ray/) never imports the benchmarks or the
+deployment, and the store and `bdlora push` need no Ray."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = {"bench", "deploy"}  # folders of the checkout that import the engine, never the reverse
+
+
+def imported_modules(source: str) -> set[str]:
+    """Every module a source names in an import statement or in an importlib.import_module/__import__
+    call with a literal name (relative imports excluded: they stay inside the package)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and ast.unparse(node.func) in ("importlib.import_module", "import_module", "__import__")):
+            names.add(node.args[0].value)
+    return names
+
+
+def test_import_scan_sees_every_form():
+    src = ("import bench.compare\nfrom deploy import app\nimport importlib\n"
+           "def f():\n    return importlib.import_module('bench.decode'), __import__('deploy.seed')\n"
+           "from . import sibling\nfrom bdlora_ray.store import push\n")
+    assert imported_modules(src) == {"bench.compare", "deploy", "importlib", "bench.decode", "deploy.seed",
+                                     "bdlora_ray.store"}
+
+
+def test_engine_never_imports_bench_or_deploy():
+    offenders = {}
+    for path in sorted((ROOT / "bdlora_ray").rglob("*.py")):
+        bad = {m for m in imported_modules(path.read_text()) if m.split(".")[0] in FORBIDDEN}
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = sorted(bad)
+    assert not offenders, offenders
+
+
+def _modules_after(code: str, env: dict[str, str] | None = None) -> set[str]:
+    """The modules loaded by a fresh interpreter after running `code`."""
+    probe = code + "\nimport json, sys; print(json.dumps(sorted(sys.modules)))"
+    p = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return set(json.loads(p.stdout.strip().splitlines()[-1]))
+
+
+def test_store_package_imports_without_ray():
+    loaded = _modules_after("import bdlora_ray.store, bdlora_ray.cli\nfrom bdlora_ray.store import push_adapter")
+    assert "ray" not in loaded and "bdlora_ray.store.actor" not in loaded
+    # The actor's names are still the package's, loaded on first use.
+    assert "ray" in _modules_after("from bdlora_ray.store import AdapterStoreActor")
+
+
+def test_bdlora_push_does_not_load_ray(tmp_path, s3_server):
+    """`bdlora push` end to end (convert, shard, upload to a real S3 API) in a fresh interpreter: no Ray."""
+    import os
+
+    from bdlora_ray.config import LlamaConfig
+    from bdlora_ray.store.s3 import AdapterBucket
+    from bdlora_ray.synthetic import random_adapter, write_peft_adapter
+
+    cfg = LlamaConfig.from_name("tiny")
+    peft = write_peft_adapter(random_adapter(cfg, 4, nblocks=2, seed=0, name="layout"), tmp_path / "layout")
+    uri = f"s3://{s3_server.create_bucket('layout-push')}/adapters"
+    code = (f"import sys\nfrom bdlora_ray.cli import main\n"
+            f"assert main(['push', {str(peft)!r}, '{uri}/layout', '--tp', '2', '--base', 'tiny', '-q']) == 0")
+    loaded = _modules_after(code, env={**os.environ, **s3_server.env})
+    assert "ray" not in loaded
+    assert [i.name for i in AdapterBucket(uri).catalog()] == ["layout"]
