@@ -30,6 +30,7 @@ from bdlora_ray.config import LlamaConfig
 from bdlora_ray.engine import Engine, EngineConfig
 from bdlora_ray.errors import AdapterInvalid, ReplicaGroupFailed, error_from_name
 from bdlora_ray.memory import PoolConfig
+from bdlora_ray.placement import worker_bundles
 from bdlora_ray.request import GenerationRequest, RequestOutput, merge_outputs
 from bdlora_ray.store.actor import AdapterStoreActor, StoreConfig
 from bdlora_ray.store.manifest import check_name
@@ -425,7 +426,7 @@ class EngineGroup:
 
 def bundles(config: GroupConfig) -> list[dict[str, float]]:
     """One bundle per TP worker: a whole GPU each, or a CPU fraction here."""
-    return [{"GPU": 1, "CPU": 1} if config.use_gpu else {"CPU": config.worker_cpus}] * config.tp
+    return worker_bundles(config.tp, config.use_gpu, config.worker_cpus)
 
 
 def ray_placement_group(config: GroupConfig) -> PlacementGroup:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bdlora_ray.placement import worker_bundles
+
 ENV_PREFIX = "BDLORA_"
 ENGINE_PREFIX = "BDLORA_ENGINE_"
 DEFAULT_STATE_DIR = ".bdlora"                 # embedded checkpoint + demo adapters, under the project
@@ -75,9 +77,7 @@ class GroupSpec:
 
     def bundles(self) -> list[dict[str, float]]:
         """Placement group bundles: the replica's, then one per TP worker (worker i -> bundle i + 1)."""
-        from bdlora_ray.group import bundles
-
-        return [{"CPU": self.replica_cpus}] + [dict(b) for b in bundles(self.group_config())]
+        return [{"CPU": self.replica_cpus}] + worker_bundles(self.tp, self.use_gpu, self.worker_cpus)
 
     def group_config(self) -> Any:
         """The engine's `GroupConfig` (imported here so that configuring needs no engine)."""

@@ -1,5 +1,5 @@
 """The layout as a newcomer reads it: the engine (bdlora_ray/) never imports the benchmarks or the
-deployment, and the store and `bdlora push` need no Ray."""
+deployment, the store and `bdlora push` need no Ray, and configuring a deployment needs no Ray."""
 
 from __future__ import annotations
 
@@ -80,3 +80,21 @@ def test_bdlora_push_does_not_load_ray(tmp_path, s3_server):
     loaded = _modules_after(code, env={**os.environ, **s3_server.env})
     assert "ray" not in loaded
     assert [i.name for i in AdapterBucket(uri).catalog()] == ["layout"]
+
+
+def test_deploy_config_computes_bundles_without_the_group_module():
+    code = ("from deploy.config import AppConfig\n"
+            "c = AppConfig.from_env({'BDLORA_TP': '3', 'BDLORA_WORKER_CPUS': '0.5', 'BDLORA_REPLICA_CPUS': '0.2'})\n"
+            "assert c.group.bundles() == [{'CPU': 0.2}] + [{'CPU': 0.5}] * 3, c.group.bundles()\n"
+            "g = AppConfig.from_env({'BDLORA_TP': '2', 'BDLORA_USE_GPU': '1'}).group.bundles()\n"
+            "assert g[1:] == [{'GPU': 1, 'CPU': 1}] * 2 and g[1] is not g[2], g")
+    loaded = _modules_after(code)
+    assert "bdlora_ray.group" not in loaded and "ray" not in loaded
+
+
+@pytest.mark.parametrize("tp", [0, -1])
+def test_worker_bundles_refuse_a_bad_tp(tp):
+    from bdlora_ray.placement import worker_bundles
+
+    with pytest.raises(ValueError, match="tp must be >= 1"):
+        worker_bundles(tp, False, 0.5)
