@@ -24,6 +24,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -90,6 +91,7 @@ class PooledAdapter:
     meta: AdapterMeta      # scale, rank, mode, targets: what the kernels need besides pages
     layout: AdapterLayout  # where each A/B matrix sits in the per-layer virtual buffer
     pages: Tensor          # (n_pages,) int32 page ids on the pool's device, the adapter's page table
+    slot: int              # its row in the kernels' slot tables while resident (reused after eviction)
     refcount: int = 0      # running requests using it; > 0 means pinned (never evicted)
 
     @property
@@ -100,6 +102,15 @@ class PooledAdapter:
     def max_rank(self) -> int:
         """Largest per-rank LoRA rank over its targets (rows of A_s)."""
         return max((s.rows for s in self.layout.segments if s.factor == "A"), default=0)
+
+
+class PoolListener(Protocol):
+    """Told of every adapter entering or leaving the pool, after the fact (e.g. `SlotTables`,
+    which derives the kernels' per-slot metadata once per load)."""
+
+    def adapter_loaded(self, adapter: PooledAdapter) -> None: ...
+
+    def adapter_evicted(self, adapter: PooledAdapter) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -122,14 +133,17 @@ class PoolUsage:
 class PagePool:
     """One rank's unified page pool; see the module docstring."""
 
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, config: PoolConfig, listener: PoolListener | None = None) -> None:
         self.config = config
+        self.listener = listener
         c = config
         # (num_layers, num_pages, P): every KV block and adapter page of every layer.
         self.data = torch.zeros(c.num_layers, c.num_pages, c.elems_per_page, dtype=c.dtype, device=c.device)
         self._free: list[int] = list(range(c.num_pages))  # min-heap of free page ids (a sorted list is a heap)
         self._seqs: dict[Hashable, list[int]] = {}  # sequence id -> its KV page table, block i = tokens [i*bs, (i+1)*bs)
         self._adapters: OrderedDict[str, PooledAdapter] = OrderedDict()  # oldest use first (LRU order)
+        self._free_slots: list[int] = []  # min-heap of slot ids freed by evictions
+        self._next_slot = 0               # slots ever handed out: the lowest never-used id
         self._loads = 0
         self._evictions = 0
         log.info("page pool: %d layers x %d pages x %d elems (%.1f MiB, %s on %s)", c.num_layers,
@@ -213,9 +227,11 @@ class PagePool:
             except Exception:
                 self._give_back(ids)  # a malformed shard must not leak pages
                 raise
-            slot = PooledAdapter(name=name, meta=meta, layout=layout, pages=pages)
+            slot = PooledAdapter(name=name, meta=meta, layout=layout, pages=pages, slot=self._take_slot())
             self._adapters[name] = slot
             self._loads += 1
+            if self.listener is not None:
+                self.listener.adapter_loaded(slot)
             log.debug("loaded adapter %s into %d pages", name, len(ids))
         self._adapters.move_to_end(name)
         if pin:
@@ -241,9 +257,19 @@ class PagePool:
             raise ValueError(f"adapter {name!r} is pinned by {self._adapters[name].refcount} request(s)")
         self._evict(name)
 
+    def _take_slot(self) -> int:
+        """The lowest free slot id: slot tables stay as small as the resident set."""
+        if self._free_slots:
+            return heapq.heappop(self._free_slots)
+        self._next_slot += 1
+        return self._next_slot - 1
+
     def _evict(self, name: str) -> None:
         slot = self._adapters.pop(name)
         self._give_back(slot.pages.tolist())
+        heapq.heappush(self._free_slots, slot.slot)
+        if self.listener is not None:
+            self.listener.adapter_evicted(slot)
         self._evictions += 1
         log.debug("evicted adapter %s (%d pages)", name, slot.num_pages)
 

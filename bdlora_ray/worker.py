@@ -22,6 +22,7 @@ from bdlora_ray.comm import Comm
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.errors import AdapterNotFound
 from bdlora_ray.lora.batch import LoraBatch
+from bdlora_ray.lora.slots import SlotTables
 from bdlora_ray.lora.shard import AdapterMeta, load_peft_adapter, shard_adapter
 from bdlora_ray.memory import PagePool, PoolConfig
 from bdlora_ray.tp import TPModel
@@ -78,7 +79,9 @@ class TPWorker:
         self.cfg, self.comm, self.source, self.channel = cfg, comm, source, channel
         self.rank = comm.rank
         self.model = TPModel(cfg, checkpoint, comm, device, dtype)
-        self.pool = PagePool(pool_config)
+        # Per-slot kernel metadata, written as adapters enter the pool and read by every step.
+        self.slots = SlotTables(cfg, self.rank, comm.world_size, pool_config.device)
+        self.pool = PagePool(pool_config, listener=self.slots)
         self.kv_views = [self.pool.kv_cache(layer) for layer in range(cfg.num_layers)]
         self.host: dict[str, tuple[AdapterMeta, dict[str, Tensor]]] = {}  # fetched, not yet in the pool
         self.steps = 0
@@ -117,14 +120,11 @@ class TPWorker:
             seq_lens=lens, context_lens=[s[2] for s in seqs], kv_cache=self.kv_views,
             page_tables=[torch.tensor(self.pool.kv_page_table(s[0])) for s in seqs],
             block_size=self.pool.config.block_size)
-        names = sorted({s[1] for s in seqs if s[1] is not None})
         lora = None
-        if names:
-            slot_of = {n: i for i, n in enumerate(names)}
-            idx = torch.cat([torch.full((n,), slot_of[s[1]] if s[1] is not None else -1)
-                             for s, n in zip(seqs, lens)])
-            lora = LoraBatch.build([self.pool.adapter(n) for n in names], idx, self.pool.data, self.cfg,
-                                   self.rank, self.comm.world_size)
+        if any(s[1] is not None for s in seqs):
+            slot_of_seq = torch.tensor([self.pool.adapter(s[1]).slot if s[1] is not None else -1 for s in seqs])
+            idx = slot_of_seq.repeat_interleave(torch.tensor(lens))  # (T,) row -> slot
+            lora = LoraBatch.from_tables(self.slots, idx, self.pool.data)
         last_rows = torch.tensor(lens).cumsum(0) - 1
         self.steps += 1
         return self.model.forward(ids, positions, meta, lora, last_rows)

@@ -6,8 +6,9 @@ one of three backends:
 
 - "triton": the Triton kernels in `lora_shrink_op.py` / `lora_expand_op.py`
   (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 in tests);
-- "torch": torch ops (`lora_torch.py`), the CPU serving path: per adapter, one
-  product over all its rows with views of its factors in the gathered pages;
+- "torch": torch ops (`lora_torch.py`), the CPU serving path: per layout class
+  (adapters of one rank and targets) one batched product over all its rows,
+  with views of the factors in that layer's gathered pages; no adapter loop;
 - "reference": the loop-per-adapter references (`lora_ref.py`), the spec.
 
 The backend is, first to last: the call's `backend` keyword, `set_backend`,
@@ -67,14 +68,17 @@ def lora_segments(idx: Tensor, block_m: int = 16, num_slots: int | None = None) 
     return importlib.import_module("kernels.lora_shrink_op").lora_segments(idx, block_m, num_slots)
 
 
-def plan_segments(idx: Tensor, num_slots: int, backend: str | None = None) -> Segments | StepCache | None:
+def plan_segments(idx: Tensor, num_slots: int, backend: str | None = None, *,
+                  slot_class: Tensor | None = None, slot_pages: Tensor | None = None
+                  ) -> Segments | StepCache | None:
     """What one step's kernels share, computed once per step and passed as `segments=` to
     every layer: for triton the rows grouped by slot when the batch is large enough for the
-    sorted launch (else None); for torch a `StepCache` of the pool positions and row plans
-    that every layer reuses; None for the reference."""
+    sorted launch (else None); for torch a `StepCache` of the row plan and gathered pages
+    that every layer reuses; None for the reference. `slot_class` / `slot_pages` ((S,) host
+    int64, see `StepCache`) let the torch path share one page gather per layer."""
     name = resolve_backend(backend, idx)
     if name == "torch":
-        return StepCache()
+        return StepCache(slot_class, slot_pages)
     if name != "triton":
         return None
     op = importlib.import_module("kernels.lora_shrink_op")

@@ -1,30 +1,53 @@
 """Torch versions of the paged LoRA ops: the CPU serving path.
 
-Same signatures and semantics as `lora_ref` (read that first). Per layer,
-one indexing op gathers the pages of every slot the batch uses (their
-virtual buffers, which hold every target's factors); then, as Punica's SGMV
-does, each adapter's rows are multiplied by views of its factors in that
-buffer, all its rows at once. What every layer shares (rows per slot, the
-factors' offsets and ranks) comes from a per-batch `StepCache` and is
-computed once.
+Same signatures and semantics as `lora_ref` (read that first). The cost
+follows rows and total rank, not the number of distinct adapters: there is
+no loop over adapters. Per step, rows are sorted by (layout class, slot),
+where slots of one class hold every factor at the same offsets with the same
+ranks (adapters of one rank and targets). Per layer, one gather per class
+copies the used slots' pages into a (U_c, pages * P) buffer, in which each
+factor of every slot is a strided view; per class and slice one batched
+product then serves all its rows, in whichever of three shapes is cheapest
+(`Strategy`):
+
+- "matmul": one slot: x_c @ A.T, a plain GEMM (Punica SGMV with one segment);
+- "padded": rows grouped per slot and padded to the busiest slot's count,
+  one bmm over slots (SGMV as a batched GEMM); pays while padding is small;
+- "rows":    each row's factor gathered from the buffer, one bmm of GEMVs
+  (S-LoRA's BGMV); for skewed batches where padding would waste more.
+
+Classes come from the caller (`StepCache(slot_class=..., slot_pages=...)`,
+computed once per adapter load by `bdlora_ray.lora.slots`), so all the
+linears of a layer share one gather; without them each call derives classes
+from its own metadata (one gather per call, same results).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+# A padded batch computes U_c * m_c rows for T_c real ones; above this waste,
+# gathering each row's factor (a copy about as costly as its GEMV) is cheaper.
+PADDED_MAX_WASTE = 2.0
+
 
 class StepCache:
-    """What every layer of one batch shares on the torch path: which rows use which slot and
-    where each slot's factors sit in its pages (the page ids are the same in every layer).
-    Computed at the first layer, reused by the others. Entries are keyed by the batch's tensors'
-    storage, so one cache serves one batch (whose tensors live as long as it does)."""
+    """What every layer of one batch shares on the torch path: its row plan and, per layer,
+    the gathered pages. Computed at the first layer, reused by the others. Entries are keyed
+    by the batch's tensors' storage, so one cache serves one batch (whose tensors live as long
+    as it does).
 
-    def __init__(self) -> None:
+    slot_class: (C,) int64 host tensor; slots with equal class have equal offsets, ranks,
+        output columns and page counts in every linear (None: derived per call).
+    slot_pages: (C,) int64 host tensor; pages each slot uses (None: the page table's width)."""
+
+    def __init__(self, slot_class: Tensor | None = None, slot_pages: Tensor | None = None) -> None:
+        self.slot_class, self.slot_pages = slot_class, slot_pages
         self._entries: dict[tuple, Any] = {}
         self._latest: dict[str, tuple[tuple, Any]] = {}
 
@@ -47,33 +70,119 @@ def _ptr(t: Tensor | int) -> int | tuple:
     return t if isinstance(t, int) else (t.data_ptr(), tuple(t.shape))
 
 
-def _cached(cache: StepCache | None, key: tuple, make: Callable[[], Any]) -> Any:
-    return make() if cache is None else cache.get(key, make)
+@dataclass(frozen=True)
+class ClassPlan:
+    """The rows of one layout class: positions r0:r1 of the plan's sorted rows."""
+
+    r0: int            # first sorted row of the class
+    r1: int            # one past its last
+    slots: Tensor      # (U_c,) int64 distinct slots, in the order the rows are sorted
+    inv: Tensor        # (T_c,) int64 each row's index into slots
+    pos: Tensor        # (T_c,) int64 each row's position among its slot's rows
+    busiest: int       # m_c, rows of the slot with the most
+    pages: int         # pages every slot of the class uses
+    strategy: str      # "matmul" | "padded" | "rows"
 
 
-def _slot_buffers(pool: Tensor, page_table: Tensor, cache: StepCache | None) -> Tensor:
-    """Every slot's virtual buffer in this layer's pool: (S, max_pages * P) float32. The last
-    layer's is kept in the cache: shrink and expand of one linear share it."""
-    def make() -> Tensor:  # whole pages: row copies
-        return pool.index_select(0, page_table.reshape(-1).long()).view(page_table.shape[0], -1).float()
+@dataclass(frozen=True)
+class RowPlan:
+    rows: Tensor                   # (Ta,) int64 active rows sorted by (class, slot)
+    slot_of_row: Tensor            # (Ta,) int64 their slots
+    classes: tuple[ClassPlan, ...]
+
+
+def strategy(num_rows: int, num_slots: int, busiest: int) -> str:
+    """Cheapest product shape for T_c rows over U_c slots (see the module docstring)."""
+    if num_slots == 1:
+        return "matmul"
+    return "padded" if num_slots * busiest <= PADDED_MAX_WASTE * num_rows else "rows"
+
+
+def _row_plan(idx: Tensor, slot_class: Tensor, slot_pages: Tensor) -> RowPlan:
+    """Sort active rows by (class, slot) and cut them into classes; vectorised but for the
+    per-class bookkeeping (a few classes: the distinct ranks/targets in the batch)."""
+    act = (idx >= 0).nonzero().squeeze(1)  # (Ta,)
+    slot = idx[act].long()
+    cls = slot_class[slot.cpu()].to(slot.device)
+    order = torch.argsort(cls * (int(slot.max()) + 1 if len(slot) else 1) + slot, stable=True)
+    rows, slot, cls = act[order], slot[order], cls[order]
+    Ta = len(rows)
+    if Ta == 0:
+        return RowPlan(rows, slot, ())
+    new_slot = torch.ones(Ta, dtype=torch.bool, device=rows.device)
+    new_slot[1:] = slot[1:] != slot[:-1]
+    u_id = torch.cumsum(new_slot, 0) - 1                          # (Ta,) index into the distinct slots
+    starts = new_slot.nonzero().squeeze(1)                        # (U,) first sorted row of each slot
+    counts = torch.diff(starts, append=torch.tensor([Ta], device=rows.device))  # (U,)
+    pos = torch.arange(Ta, device=rows.device) - starts[u_id]    # (Ta,)
+    uniq = slot[new_slot]                                         # (U,)
+    new_cls = torch.ones(len(uniq), dtype=torch.bool, device=rows.device)
+    new_cls[1:] = cls[new_slot][1:] != cls[new_slot][:-1]
+    u_bounds = new_cls.nonzero().squeeze(1).tolist() + [len(uniq)]
+    starts_l, counts_l = starts.tolist() + [Ta], counts.tolist()
+    classes = []
+    for u0, u1 in zip(u_bounds[:-1], u_bounds[1:]):
+        r0, r1 = starts_l[u0], starts_l[u1]
+        busiest = max(counts_l[u0:u1])
+        classes.append(ClassPlan(r0, r1, uniq[u0:u1], u_id[r0:r1] - u0, pos[r0:r1], busiest,
+                                 int(slot_pages[int(uniq[u0])]), strategy(r1 - r0, u1 - u0, busiest)))
+    return RowPlan(rows, slot, tuple(classes))
+
+
+def _plan(idx: Tensor, page_table: Tensor, meta: tuple[Tensor, ...], cache: StepCache | None) -> RowPlan:
+    """The batch's row plan: shared by every call if the cache knows the slots' classes, else
+    per call, classing slots by this call's own metadata."""
+    given = cache is not None and cache.slot_class is not None
+
+    def make() -> RowPlan:
+        S = page_table.shape[0]
+        if given:
+            slot_class = cache.slot_class
+        else:  # slots with equal metadata rows form a class
+            sig = torch.cat([m.reshape(S, -1).to(torch.int64).cpu() for m in meta], 1)  # (S, k)
+            slot_class = torch.unique(sig, dim=0, return_inverse=True)[1]
+        pages = cache.slot_pages if cache is not None and cache.slot_pages is not None else None
+        if pages is None:
+            pages = torch.full((S,), page_table.shape[1], dtype=torch.int64)
+        return _row_plan(idx, slot_class, pages)
 
     if cache is None:
         return make()
-    return cache.latest("buffers", (pool.data_ptr(), _ptr(page_table)), make)
+    key = ("plan", _ptr(idx)) if given else ("plan", _ptr(idx), *(_ptr(m) for m in meta))
+    return cache.get(key, make)
 
 
-def _slot_rows(idx: Tensor, cache: StepCache | None) -> list[tuple[int, Tensor]]:
-    """(slot, its rows) for every slot the batch uses, in slot order."""
-    def make() -> list[tuple[int, Tensor]]:
-        rows = (idx >= 0).nonzero().squeeze(1)
-        if len(rows) == 0:
-            return []
-        slot = idx[rows].long()
-        order = torch.argsort(slot, stable=True)
-        slots, counts = torch.unique_consecutive(slot[order], return_counts=True)
-        return list(zip(slots.tolist(), torch.split(rows[order], counts.tolist())))
+def _class_buffers(pool: Tensor, page_table: Tensor, plan: RowPlan, cache: StepCache | None) -> list[Tensor]:
+    """Per class, its slots' pages of this layer: (U_c, pages_c * P) float32, one copy each.
+    The newest layer's are kept in the cache: every linear of a layer shares them."""
+    def make() -> list[Tensor]:
+        out = []
+        for c in plan.classes:
+            ids = page_table.index_select(0, c.slots)[:, :c.pages].reshape(-1).long()
+            out.append(pool.index_select(0, ids).view(len(c.slots), -1).float())
+        return out
 
-    return _cached(cache, ("rows", _ptr(idx)), make)
+    if cache is None:
+        return make()
+    return cache.latest("buffers", (pool.data_ptr(), id(plan)), make)
+
+
+def _slot_meta(c: ClassPlan, tables: tuple[Tensor, ...]) -> list[list[int]]:
+    """The class's metadata rows (every slot's are the same): one list per table."""
+    slot = int(c.slots[0])
+    return [t[slot].tolist() for t in tables]
+
+
+def _product(left: Tensor, right: Tensor, c: ClassPlan) -> Tensor:
+    """Row t of the result: left[t] @ right[slot of t].T; left (T_c, k), right (U_c, n, k)."""
+    if c.strategy == "matmul":
+        return left @ right[0].T  # (T_c, n)
+    if c.strategy == "padded":
+        padded = left.new_zeros(len(c.slots), c.busiest, left.shape[1])  # (U_c, m_c, k)
+        padded[c.inv, c.pos] = left
+        return torch.bmm(padded, right.transpose(1, 2))[c.inv, c.pos]  # (T_c, n)
+    per_row = right.index_select(0, c.inv)  # (T_c, n, k)
+    return torch.bmm(left.unsqueeze(1), per_row.transpose(1, 2)).squeeze(1)  # (T_c, n)
 
 
 def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, a_offset: Tensor,
@@ -81,55 +190,40 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
     T, d_in = x.shape
     n_slices = a_offset.shape[1]
     h = torch.zeros(T, n_slices, max_rank, dtype=torch.float32, device=x.device)
-    groups = _slot_rows(idx, cache)
-    if not groups or max_rank == 0:
+    if max_rank == 0:
         return h
-
-    def plan() -> list[tuple[int, Tensor, list[tuple[int, int, int]]]]:
-        """Per used slot: its rows and (slice, offset of A, rank) of each slice it adapts."""
-        offs, ranks = a_offset.tolist(), rank.tolist()
-        return [(a, rows, [(s, offs[a][s], r) for s, r in enumerate(ranks[a]) if r > 0]) for a, rows in groups]
-
-    per_slot = _cached(cache, ("shrink", _ptr(idx), _ptr(a_offset), _ptr(rank)), plan)
-    buf = _slot_buffers(pool, page_table, cache)
-    xf = x.float()
-    for a, rows, slices in per_slot:
-        if not slices:
-            continue
-        xa = xf[rows]
-        ha = torch.zeros(len(rows), n_slices, max_rank, dtype=torch.float32, device=x.device)
-        for s, off, r in slices:
-            ha[:, s, :r] = xa @ buf[a, off:off + r * d_in].view(r, d_in).T
-        h[rows] = ha
+    plan = _plan(idx, page_table, (a_offset, rank), cache)
+    if not plan.classes:
+        return h
+    bufs = _class_buffers(pool, page_table, plan, cache)
+    xs = x.index_select(0, plan.rows).float()  # (Ta, d_in)
+    hs = torch.zeros(len(plan.rows), n_slices, max_rank, dtype=torch.float32, device=x.device)
+    for c, buf in zip(plan.classes, bufs):
+        offs, ranks = _slot_meta(c, (a_offset, rank))
+        xc = xs[c.r0:c.r1]
+        for s, (off, r) in enumerate(zip(offs, ranks)):
+            if r > 0:
+                A = buf[:, off:off + r * d_in].view(len(c.slots), r, d_in)  # (U_c, r, d_in), a view
+                hs[c.r0:c.r1, s, :r] = _product(xc, A, c)
+    h[plan.rows] = hs
     return h
 
 
 def lora_expand_torch(h: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, b_offset: Tensor, rank: Tensor,
                       out_start: Tensor, out_len: Tensor, scale: Tensor, y: Tensor,
                       cache: StepCache | None = None) -> Tensor:
-    groups = _slot_rows(idx, cache)
-    if not groups:
+    plan = _plan(idx, page_table, (b_offset, rank, out_start, out_len), cache)
+    if not plan.classes:
         return y
-
-    def plan() -> list[tuple[int, Tensor, list[tuple[int, int, int, int, int]], float]]:
-        """Per used slot: its rows, (slice, offset of B, rank, first output column, columns) of each
-        slice it adapts, and its scale."""
-        offs, ranks, starts, lens, scales = (t.tolist() for t in (b_offset, rank, out_start, out_len, scale))
-        return [(a, rows, [(s, offs[a][s], r, starts[a][s], lens[a][s]) for s, r in enumerate(ranks[a])
-                           if r > 0 and lens[a][s] > 0], scales[a]) for a, rows in groups]
-
-    per_slot = _cached(cache, ("expand", _ptr(idx), _ptr(b_offset), _ptr(rank), _ptr(out_start), _ptr(out_len),
-                                _ptr(scale)), plan)
-    buf = _slot_buffers(pool, page_table, cache)
-    R = h.shape[2]
-    for a, rows, slices, sc in per_slot:
-        if not slices:
-            continue
-        ha = h[rows]
-        ya = y[rows].float()
-        for s, off, r, o, n in slices:
-            # B_s is (out_len, rank) row-major; h holds at most R of its columns.
-            B = buf[a, off:off + n * r].view(n, r)[:, :min(r, R)]
-            ya[:, o:o + n] += (ha[:, s, :B.shape[1]] @ B.T) * sc
-        y[rows] = ya.to(y.dtype)
+    bufs = _class_buffers(pool, page_table, plan, cache)
+    hs = h.index_select(0, plan.rows)  # (Ta, n_slices, R)
+    ys = y.index_select(0, plan.rows).float()  # (Ta, d_out)
+    sc = scale.index_select(0, plan.slot_of_row)[:, None]  # (Ta, 1)
+    for c, buf in zip(plan.classes, bufs):
+        offs, ranks, starts, lens = _slot_meta(c, (b_offset, rank, out_start, out_len))
+        for s, (off, r, o, n) in enumerate(zip(offs, ranks, starts, lens)):
+            if r > 0 and n > 0:
+                B = buf[:, off:off + n * r].view(len(c.slots), n, r)  # (U_c, n, r), a view
+                ys[c.r0:c.r1, o:o + n] += _product(hs[c.r0:c.r1, s, :r], B, c) * sc[c.r0:c.r1]
+    y[plan.rows] = ys.to(y.dtype)
     return y

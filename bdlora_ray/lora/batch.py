@@ -1,8 +1,10 @@
-"""Per-step LoRA metadata: which adapter slot each row uses, and where every
-slot's factors sit in the pool, grouped as the model's fused linears are.
+"""Per-step LoRA batch: the step's row -> slot index beside the persistent slot tables.
 
-Every TP rank builds its own `LoraBatch` from the same slot list and row
-assignment (its page ids and its slice offsets are its own).
+`LoraBatch.from_tables` is what a step costs: one upload of the index and a
+few vectorised host ops on it; every other kernel argument is a view of the
+rank's `SlotTables`, written when adapters entered the pool. Every TP rank
+builds its own from the same rows (its tables hold its own page ids and
+slice offsets).
 """
 
 from __future__ import annotations
@@ -18,20 +20,14 @@ import kernels
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.lora.layout import AdapterLayout
 from bdlora_ray.lora.shard import AdapterMeta
+from bdlora_ray.lora.slots import COLUMN_GROUPS, GROUPS, SlotTables
 
-# Fused linear of the model -> the LoRA targets it carries, in output order.
-GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
-COLUMN_GROUPS = ("qkv", "gate_up")
+__all__ = ["AdapterSlot", "COLUMN_GROUPS", "GROUPS", "GroupMeta", "LoraBatch"]
 
 
 @dataclass(frozen=True)
 class AdapterSlot:
-    """An adapter resident in this rank's pool."""
+    """An adapter resident in a rank's pool, outside a `PagePool` (tests place pages themselves)."""
 
     meta: AdapterMeta
     layout: AdapterLayout
@@ -40,7 +36,7 @@ class AdapterSlot:
 
 @dataclass
 class GroupMeta:
-    """Kernel arguments for one fused linear; all (S, n_slices) unless noted."""
+    """Kernel arguments for one fused linear; all (C, n_slices) slot tables unless noted."""
 
     a_offset: Tensor    # int64 virtual offset of A per slot and slice
     rank_a: Tensor      # int32 rows of A (0: slot does not adapt this slice)
@@ -50,70 +46,48 @@ class GroupMeta:
     out_len: Tensor     # int32 rows of B
     slora_rows: Tensor  # (T,) bool: rows whose adapter needs this group's collective
     any_slora: bool     # whether the collective is issued at all this step
-    width: int          # width R of the rank-space buffer h
+    width: int          # width R of the rank-space buffer h: the largest rank the step's rows use
 
     @property
     def active(self) -> bool:
         return self.width > 0
 
 
-def _local_slices(cfg: LlamaConfig, tp: int, group: str) -> list[tuple[int, int]]:
-    """(start, length) of each target's output inside this rank's fused column output."""
-    lens = [cfg.out_features(t) // tp for t in GROUPS[group]]
-    starts = [sum(lens[:i]) for i in range(len(lens))]
-    return list(zip(starts, lens))
-
-
 @dataclass
 class LoraBatch:
     idx: Tensor                  # (T,) int32 slot of each row, -1 = base model only
-    page_table: Tensor           # (S, max_pages) int32
-    scale: Tensor                # (S,) float32
+    page_table: Tensor           # (C, max_pages) int32 slot table
+    scale: Tensor                # (C,) float32 slot table
     pool: Tensor                 # (num_layers, num_pages, P): this rank's unified pool
     groups: dict[str, GroupMeta]
     segments: Any = None         # kernels.plan_segments: what every layer's kernels share this step
 
     @classmethod
+    def from_tables(cls, tables: SlotTables, idx: Tensor, pool: Tensor) -> "LoraBatch":
+        """The step's batch for rows using slots `idx` ((T,) host ints, -1 = no adapter)."""
+        idx_host = idx.to(torch.int32)
+        T = len(idx_host)
+        if T and int(idx_host.max()) >= tables.capacity:
+            raise ValueError(f"slot {int(idx_host.max())} is beyond the slot tables ({tables.capacity} slots)")
+        rows = idx_host.long()  # -1 reads the mirrors' last row: width 0, no slora
+        widths = tables.width_host[rows].amax(0).tolist() if T else [0] * len(GROUPS)
+        any_slora = tables.slora_host[rows].any(0).tolist() if T else [False] * len(GROUPS)
+        idx_dev = idx_host.to(tables.device)  # the step's one upload
+        groups = {}
+        for gi, (name, t) in enumerate(tables.groups.items()):
+            slora_rows = t.slora[idx_dev.long()]  # (T,) gather on the device; -1 reads entry C (False)
+            groups[name] = GroupMeta(t.a_offset, t.rank_a, t.b_offset, t.rank_b, t.out_start, t.out_len,
+                                     slora_rows, bool(any_slora[gi]), int(widths[gi]))
+        segments = kernels.plan_segments(idx_dev, tables.capacity, slot_class=tables.class_host,
+                                         slot_pages=tables.pages_host)
+        return cls(idx_dev, tables.page_table, tables.scale, pool, groups, segments)
+
+    @classmethod
     def build(cls, slots: list[AdapterSlot], idx: Tensor, pool: Tensor, cfg: LlamaConfig,
               tp_rank: int, tp: int) -> "LoraBatch":
-        device = pool.device
-        S = max(len(slots), 1)
-        max_pages = max([len(s.pages) for s in slots] + [1])
-        page_table = torch.zeros(S, max_pages, dtype=torch.int32)
-        scale = torch.zeros(S, dtype=torch.float32)
+        """A one-off batch over `slots` (idx indexes that list): fresh tables, for callers
+        without a `PagePool` (tests, tools). Serving keeps its tables across steps instead."""
+        tables = SlotTables(cfg, tp_rank, tp, pool.device, capacity=max(len(slots), 1))
         for a, slot in enumerate(slots):
-            page_table[a, :len(slot.pages)] = slot.pages.to(torch.int32)
-            scale[a] = slot.meta.scale
-        idx = idx.to(torch.int32)
-        groups = {g: cls._group(g, slots, idx, cfg, tp_rank, tp, S, device) for g in GROUPS}
-        idx = idx.to(device)
-        return cls(idx, page_table.to(device), scale.to(device), pool, groups, kernels.plan_segments(idx, S))
-
-    @staticmethod
-    def _group(group: str, slots: list[AdapterSlot], idx: Tensor, cfg: LlamaConfig,
-               tp_rank: int, tp: int, S: int, device: torch.device) -> GroupMeta:
-        targets = GROUPS[group]
-        column = group in COLUMN_GROUPS
-        z = lambda dtype: torch.zeros(S, len(targets), dtype=dtype)  # noqa: E731
-        a_off, b_off = z(torch.int64), z(torch.int64)
-        rank_a, rank_b, out_start, out_len = z(torch.int32), z(torch.int32), z(torch.int32), z(torch.int32)
-        slora_slots = torch.zeros(S + 1, dtype=torch.bool)  # last entry: rows with no adapter
-        local = _local_slices(cfg, tp, group) if column else None
-        for a, slot in enumerate(slots):
-            for s, target in enumerate(targets):
-                seg_a, seg_b = slot.layout.segment(target, "A"), slot.layout.segment(target, "B")
-                if seg_a is None:
-                    continue
-                a_off[a, s], rank_a[a, s] = seg_a.offset, seg_a.rows
-                b_off[a, s], rank_b[a, s], out_len[a, s] = seg_b.offset, seg_b.cols, seg_b.rows
-                slora = slot.meta.target_mode(target) == "slora"
-                slora_slots[a] |= slora
-                if column:
-                    out_start[a, s] = local[s][0]
-                elif slora:  # B[O_i, :] lands in this rank's slice of the partial output
-                    out_start[a, s] = tp_rank * seg_b.rows
-        slora_rows = slora_slots[idx.long()] if len(idx) else torch.zeros(0, dtype=torch.bool)
-        width = int(max(rank_a.max(), rank_b.max())) if slots else 0
-        return GroupMeta(a_off.to(device), rank_a.to(device), b_off.to(device), rank_b.to(device),
-                         out_start.to(device), out_len.to(device), slora_rows.to(device),
-                         bool(slora_rows.any()), width)
+            tables.set_slot(a, slot.meta, slot.layout, slot.pages)
+        return cls.from_tables(tables, idx, pool)
