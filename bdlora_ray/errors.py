@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
+
 
 class BdloraError(Exception):
     """Base class; `http_status` is what the API returns for it."""
@@ -77,3 +80,15 @@ def error_from_name(name: str | None, message: str) -> BdloraError:
     if isinstance(cls, type) and issubclass(cls, BdloraError):
         return cls(message)
     return BdloraError(message)
+
+
+def log_incident(logger: logging.Logger, what: str, exc: BaseException | None = None) -> str:
+    """Log an unexpected failure (with its traceback when `exc` is given) under a fresh error id and
+    return the id.
+
+    Clients get the id, never the exception's text (it may name files, hosts or internals); an
+    operator finds the details in the log by the id.
+    """
+    error_id = uuid.uuid4().hex[:16]
+    logger.error("%s [error id %s]", what, error_id, exc_info=exc)
+    return error_id

@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.engine import Engine, EngineConfig
-from bdlora_ray.errors import AdapterInvalid, ReplicaGroupFailed, error_from_name
+from bdlora_ray.errors import AdapterInvalid, AdapterUnavailable, ReplicaGroupFailed, error_from_name
 from bdlora_ray.memory import PoolConfig
 from bdlora_ray.placement import worker_bundles
 from bdlora_ray.request import GenerationRequest, RequestOutput, merge_outputs
@@ -63,11 +63,20 @@ class GroupConfig:
         return LlamaConfig.from_json(self.model_path, name=self.served_name)
 
 
+def store_config(config: GroupConfig) -> StoreConfig:
+    """The adapter store's configuration for a group's config."""
+    return StoreConfig(uri=config.adapters_uri, model=config.model_config(), tp=config.tp,
+                       max_rank=config.engine.max_lora_rank, cache_bytes=config.store_cache_bytes,
+                       check_base_name=False, s3=config.s3)
+
+
 def store_actor_name(config: GroupConfig) -> str:
-    """The adapter-store actor's name (namespace STORE_NAMESPACE): one store per (location, model,
-    TP) in the cluster, shared by that model's groups, unless `config.store_name` names one."""
-    where = hashlib.sha256(config.adapters_uri.encode()).hexdigest()[:12]
-    return config.store_name or f"adapter-store-{config.served_name}-tp{config.tp}-{where}"
+    """The adapter-store actor's name (namespace STORE_NAMESPACE): one store per store configuration
+    in the cluster, shared by the groups that have it. The name ends in a hash of the whole
+    StoreConfig, so a group never reuses a detached store made with other settings (cache size,
+    timeouts, max rank): a changed configuration gets a store of its own."""
+    digest = hashlib.sha256(repr(store_config(config)).encode()).hexdigest()[:12]
+    return f"{config.store_name or f'adapter-store-{config.served_name}-tp{config.tp}'}-{digest}"
 
 
 def unwrap(e: BaseException) -> BaseException:
@@ -93,6 +102,9 @@ class StoreShardSource:
             blob = ray.get(self.store.get_shard.remote(name, tp_rank))
         except ray.exceptions.RayTaskError as e:
             raise unwrap(e) from None
+        except ray.exceptions.RayActorError as e:  # died or restarting (it has max_restarts): retry later
+            raise AdapterUnavailable(f"adapter {name!r}: the adapter store is restarting "
+                                     f"({type(e).__name__})") from None
         return blob.meta, blob.tensors()
 
 
@@ -258,15 +270,12 @@ class EngineGroup:
         self.model_name = config.served_name
         self.max_model_len = config.engine.max_model_len
         self.tokenizer = load_tokenizer(config.model_path)
-        cfg = config.model_config()
-        cfg.check_tp(config.tp)
-        store_config = StoreConfig(uri=config.adapters_uri, model=cfg, tp=config.tp,
-                                   max_rank=config.engine.max_lora_rank, cache_bytes=config.store_cache_bytes,
-                                   check_base_name=False, s3=config.s3)
+        config.model_config().check_tp(config.tp)
+        # Detached: shared by the model's groups and kept across their rebuilds; restarted if it dies
+        # (its cache is only a cache). No credentials in its runtime_env: see _worker_env.
         self.store = AdapterStoreActor.options(name=store_actor_name(config), namespace=STORE_NAMESPACE,
-                                               get_if_exists=True,
-                                               lifetime="detached",
-                                               runtime_env={"env_vars": _worker_env()}).remote(store_config)
+                                               get_if_exists=True, lifetime="detached", max_restarts=-1,
+                                               runtime_env={"env_vars": _worker_env()}).remote(store_config(config))
         pg = placement_group or get_current_placement_group()
         self._offset = 1 if pg is not None and placement_group is None else 0  # bundle 0: the Serve replica's
         self._own_pg = None
@@ -386,13 +395,21 @@ class EngineGroup:
         adapter is served in its new version, a deleted one is not found)."""
         await self._on_rank0("unload_adapter", check_name(name))
         self._resident.discard(name)
-        await self.store.invalidate.remote(name)
+        try:
+            await self.store.invalidate.remote(name)
+        except ray.exceptions.RayActorError:
+            log.info("adapter store restarting: its cache (and %s in it) starts empty", name)
 
     def resident_adapters(self) -> list[str]:
         return sorted(self._resident)
 
     async def list_adapters(self) -> list[dict]:
-        infos = await self.store.list_adapters.remote()
+        try:
+            infos = await self.store.list_adapters.remote()
+        except ray.exceptions.RayTaskError as e:
+            raise unwrap(e) from None
+        except ray.exceptions.RayActorError as e:
+            raise AdapterUnavailable(f"the adapter store is restarting ({type(e).__name__})") from None
         return [i.to_dict() for i in infos]
 
     async def stats(self) -> dict:
@@ -436,9 +453,13 @@ def ray_placement_group(config: GroupConfig) -> PlacementGroup:
 
 
 def _worker_env() -> dict[str, str]:
-    """Settings the workers must share with the driver."""
-    keep = ("BDLORA_KERNEL_BACKEND", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SESSION_TOKEN")
+    """Settings the workers and the store must share with the driver.
+
+    Never credentials: Ray keeps a runtime_env in its control store and shows it in its dashboard.
+    Each process reads them from its node's own environment or instance role (on a local cluster
+    every process inherits the driver's environment).
+    """
+    keep = ("BDLORA_KERNEL_BACKEND", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
     return {k: os.environ[k] for k in keep if k in os.environ}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from typing import Any, Protocol
 
 import torch
@@ -49,6 +50,10 @@ class LocalShardSource:
         return shards.meta, shards.ranks[tp_rank]
 
 
+def _nbytes(tensors: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 class StepChannel:
     """Rank 0 -> all ranks: one JSON message per step, over a CPU (gloo) group."""
 
@@ -75,7 +80,7 @@ class StepChannel:
 class TPWorker:
     def __init__(self, cfg: LlamaConfig, checkpoint: str, comm: Comm, pool_config: PoolConfig,
                  source: ShardSource, channel: StepChannel, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, max_host_bytes: int = 1 << 30) -> None:
         self.cfg, self.comm, self.source, self.channel = cfg, comm, source, channel
         self.rank = comm.rank
         self.model = TPModel(cfg, checkpoint, comm, device, dtype)
@@ -83,7 +88,9 @@ class TPWorker:
         self.slots = SlotTables(cfg, self.rank, comm.world_size, pool_config.device)
         self.pool = PagePool(pool_config, listener=self.slots)
         self.kv_views = [self.pool.kv_cache(layer) for layer in range(cfg.num_layers)]
-        self.host: dict[str, tuple[AdapterMeta, dict[str, Tensor]]] = {}  # fetched, not yet in the pool
+        # Fetched, not yet in the pool, oldest first; at most max_host_bytes of them (see fetch_adapter).
+        self.host: OrderedDict[str, tuple[AdapterMeta, dict[str, Tensor]]] = OrderedDict()
+        self.max_host_bytes = max_host_bytes
         self.steps = 0
 
     # ---- adapters ----------------------------------------------------------
@@ -91,8 +98,15 @@ class TPWorker:
     def fetch_adapter(self, name: str) -> int:
         """Bring this rank's shard of `name` into host memory; returns its bytes."""
         meta, tensors = self.source.get_shard(name, self.rank)
+        self.host.pop(name, None)
         self.host[name] = (meta, tensors)
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        # A shard whose requests went away (aborted, expired) never gets its load op: without a bound
+        # such shards would pile up. The oldest go first; a load op that still comes fetches again.
+        while len(self.host) > 1 and sum(_nbytes(t) for _, t in self.host.values()) > self.max_host_bytes:
+            dropped, _ = self.host.popitem(last=False)
+            log.info("rank %d: dropped fetched adapter %s, never loaded (host budget %d bytes)",
+                     self.rank, dropped, self.max_host_bytes)
+        return _nbytes(tensors)
 
     def apply(self, op: str, args: tuple | list) -> Any:
         """One pool operation, as rank 0 recorded it."""

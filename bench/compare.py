@@ -180,7 +180,7 @@ def local_server(workdir: Path, adapters: Sequence[DemoAdapter], server: ServerC
     from ray import serve
 
     from deploy import build_app
-    from deploy.config import AppConfig, GroupSpec, ScalingConfig
+    from deploy.config import AppConfig, GroupSpec, ScalingConfig, without_credentials
     for name in ("ray", "ray.serve", "werkzeug", "botocore", "urllib3", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     with local_s3() as s3_env:
@@ -191,7 +191,7 @@ def local_server(workdir: Path, adapters: Sequence[DemoAdapter], server: ServerC
         log.info("pushed %d adapters in %.1f s", len(adapters), time.monotonic() - t)
         spec = GroupSpec(model_path=str(model_dir), adapters_uri=ADAPTERS_URI, tp=server.tp,
                          worker_cpus=server.worker_cpus, replica_cpus=server.replica_cpus, engine=server.engine,
-                         max_ongoing_requests=4096, env_vars=tuple(s3_env.items()))
+                         max_ongoing_requests=4096, env_vars=without_credentials(s3_env))
         config = AppConfig(group=spec, scaling=ScalingConfig(min_groups=1, max_groups=1))
         port = free_port()
         with mock.patch.dict(os.environ, _RAY_ENV):

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bdlora_ray.errors import BdloraError, error_from_name
+from bdlora_ray.errors import BdloraError, error_from_name, log_incident
 from bdlora_ray.request import RequestOutput, coalesced
 from bdlora_ray.store.manifest import check_name
 from deploy.config import ApiConfig
@@ -102,8 +102,8 @@ def _http_error(_: Request, e: Exception) -> JSONResponse:
 
 
 def _internal_error(_: Request, e: Exception) -> JSONResponse:
-    log.exception("internal error", exc_info=e)
-    return error_response(500, "internal server error", "internal_error")
+    return error_response(500, f"internal server error (error id {log_incident(log, 'internal error', e)})",
+                          "internal_error")
 
 
 class BodyLimit:
@@ -246,6 +246,8 @@ def _engine_error(ev: RequestOutput) -> ErrorInfo:
     message = ev.error or "generation failed"
     e = error_from_name(ev.error_type, message)
     known = type(e) is not BdloraError
+    if not known and ev.error_type:  # an unexpected exception's text is not for clients: the log has it
+        message = f"generation failed (error id {log_incident(log, f'{ev.error_type}: {message}')})"
     return ErrorInfo(ev.error_status or e.http_status, e.code if known else "generation_error", message,
                      getattr(e, "retry_after_s", None))
 
@@ -302,9 +304,11 @@ class OpenAIRoutes:
     async def models(self) -> dict:
         base = self.config.model_name
         cards = [ModelCard(id=base, root=base)]
-        for a in await self.router.list_adapters():
+        adapters = await self.router.list_adapters()
+        self.metrics.unservable_adapters.set(sum(1 for a in adapters if a.get("error")))
+        for a in adapters:
             if a.get("error"):
-                continue  # in the store but not servable here; `bdlora ls` shows why
+                continue  # in the store but not servable here (the store logged why; `bdlora ls` shows it)
             cards.append(ModelCard(id=a["name"], root=base, parent=base, rank=a.get("rank"), mode=a.get("mode")))
         return ModelList(data=cards).model_dump()
 

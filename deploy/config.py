@@ -37,6 +37,16 @@ DEFAULT_MODEL_DIR = "tiny-llama"              # its name is the served base mode
 DEFAULT_ADAPTERS_URI = "s3://bdlora-adapters/adapters"
 
 
+# Never passed to Ray in a runtime_env (Ray keeps those in its control store and shows them in its
+# dashboard): every node's processes read them from the node's own environment or instance role.
+CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
+
+
+def without_credentials(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """`env` as `GroupSpec.env_vars`, credentials left out."""
+    return tuple((k, v) for k, v in env.items() if k not in CREDENTIAL_VARS)
+
+
 def served_model_name(model_path: str, model_name: str = "") -> str:
     """The base model's name in the API: explicit, else the checkpoint directory's name."""
     return model_name or Path(model_path).name
@@ -59,8 +69,8 @@ class GroupSpec:
     s3_max_attempts: int = 5                     # tries per S3 call (first included), backoff between them
     s3_connect_timeout_s: float = 5.0            # per connection attempt
     s3_read_timeout_s: float = 60.0              # per socket read
-    # Environment of the group replicas (whose workers and adapter store copy the AWS_* part), e.g.
-    # the endpoint of a local S3; not logged, it may hold credentials.
+    # Environment of the group replicas (whose workers and adapter store copy the S3 endpoint and
+    # region), e.g. the endpoint of a local S3. Never credentials (CREDENTIAL_VARS are refused).
     env_vars: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +80,9 @@ class GroupSpec:
             raise ValueError("max_adapters_per_group and max_ongoing_requests must be >= 1")
         if self.s3_max_attempts < 1 or self.s3_connect_timeout_s <= 0 or self.s3_read_timeout_s <= 0:
             raise ValueError("s3_max_attempts must be >= 1 and the S3 timeouts > 0")
+        if secret := sorted(k for k, _ in self.env_vars if k in CREDENTIAL_VARS):
+            raise ValueError(f"env_vars must not carry credentials ({', '.join(secret)}): Ray would keep them in "
+                             "its control store; give each node its own (environment, instance role)")
 
     @property
     def served_name(self) -> str:

@@ -17,7 +17,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from deploy.config import AppConfig
+from deploy.config import AppConfig, without_credentials
 from deploy.seed import seed_adapters, write_checkpoint
 
 log = logging.getLogger("deploy.embedded")
@@ -54,10 +54,11 @@ def prepare(config: AppConfig) -> tuple[AppConfig, object | None]:
     server = None
     if e.local_s3:
         server, env = start_local_s3(e.s3_port)
-        os.environ.update(env)  # for the seeding below, in this process
+        os.environ.update(env)  # for the seeding below, and inherited by the local Ray cluster started later
         names = seed_adapters(Path(g.model_path), Path(e.state_dir, "peft"), g.adapters_uri, g.tp)
         log.info("local S3 at %s holds %s under %s", env["AWS_ENDPOINT_URL"], ", ".join(names), g.adapters_uri)
-        config = replace(config, group=replace(g, env_vars=tuple(env.items())))  # the groups' stores need it
+        # The groups' stores need the endpoint; the fake credentials they inherit from this process.
+        config = replace(config, group=replace(g, env_vars=without_credentials(env)))
     return config, server
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -39,6 +39,9 @@ class ApiMetrics:
                               registry=r)
         self.adapter_requests = Counter("bdlora_adapter_requests", "Completed generation requests per adapter",
                                         ["adapter"], registry=r)
+        self.unservable_adapters = Gauge("bdlora_unservable_adapters",
+                                         "Adapters in the store that the last GET /v1/models left out: their "
+                                         "objects are broken or do not fit the served model", registry=r)
         self.groups = GroupStatsCollector()
         r.register(self.groups)
         self.max_adapter_labels = max_adapter_labels

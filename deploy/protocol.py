@@ -20,6 +20,36 @@ from bdlora_ray.request import SamplingParams
 # located at the field, which the API answers with 400 and `param` = the field.
 
 
+def check_unicode(value: Any) -> Any:
+    """`value` unchanged if every string in it (nested lists and dicts included) is valid Unicode.
+
+    JSON can spell a lone UTF-16 surrogate (`"\\ud800"`), and Python's JSON reader also lets the raw
+    UTF-8 bytes of one through; such a string cannot be tokenized, encoded or sent back, so it is
+    refused here, before anything else sees it (ValueError: the field's 400).
+    """
+    for s in _strings(value):
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text is not valid Unicode: lone surrogate U+{ord(s[e.start]):04X} at character "
+                             f"{e.start}") from None
+    return value
+
+
+def _strings(value: Any) -> Any:
+    """Every string in `value`, dict keys included; iterative, so no JSON depth can exhaust the stack."""
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, dict):
+            todo.extend(v.keys())
+            todo.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            todo.extend(v)
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -46,6 +76,11 @@ class _GenerationBody(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
+
+    @field_validator("model", "stop", "user")
+    @classmethod
+    def _valid_unicode(cls, v: Any) -> Any:
+        return check_unicode(v)
 
     @field_validator("n")
     @classmethod
@@ -97,6 +132,11 @@ class CompletionRequest(_GenerationBody):
 
     @field_validator("prompt")
     @classmethod
+    def _valid_unicode_prompt(cls, v: Any) -> Any:
+        return check_unicode(v)
+
+    @field_validator("prompt")
+    @classmethod
     def _single_prompt(cls, p: Any) -> str | list[int]:
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
@@ -110,6 +150,11 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _valid_unicode(cls, v: Any) -> Any:
+        return check_unicode(v)
 
     def text(self) -> str:
         """The message's text; content parts must all be text."""
@@ -153,6 +198,11 @@ class ChatCompletionRequest(_GenerationBody):
 
 class AdapterLoadRequest(BaseModel):
     name: str = Field(min_length=1, max_length=256)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_unicode(cls, v: Any) -> Any:
+        return check_unicode(v)
 
 
 # ---- responses ---------------------------------------------------------------
@@ -249,9 +299,21 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+MAX_ERROR_MESSAGE_CHARS = 2048  # messages and params can quote client input: keep the answer bounded
+
+
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error shape."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    """OpenAI's error shape. What is quoted from a request (a field path can hold a dict key the
+    client sent) is made encodable and bounded, so that the error itself can always be sent."""
+    return {"error": {"message": _sendable(message), "type": type_, "param": _sendable(param), "code": code}}
+
+
+def _sendable(text: str | None) -> str | None:
+    if text is None:
+        return None
+    if len(text) > MAX_ERROR_MESSAGE_CHARS:
+        text = text[:MAX_ERROR_MESSAGE_CHARS] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate becomes the text \udXXX
 
 
 def error_type(status: int) -> str:

@@ -14,6 +14,12 @@ os.environ.setdefault("RAY_TMPDIR", "/tmp/bdlora-ray-tests")
 
 import pytest  # noqa: E402
 
+# What every process of the test cluster finds in its environment (AWS_ENDPOINT_URL, which differs
+# per test server, travels in GroupSpec.env_vars).
+CLUSTER_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_SESSION_TOKEN": "testing", "AWS_CONFIG_FILE": "/dev/null",
+                   "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+
 
 @pytest.fixture(scope="session")
 def ray_session():
@@ -25,7 +31,11 @@ def ray_session():
     tmp = os.environ["RAY_TMPDIR"]
     os.makedirs(tmp, exist_ok=True)
     # A throwaway loopback cluster needs no token; this also keeps tests from writing ~/.ray.
-    with patched_env({"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}):
+    # Its processes inherit this environment, as a node's processes inherit the node's: that is how
+    # the adapter store gets S3 credentials (fake ones here; the test S3 server takes any), never
+    # through a runtime_env, which Ray would keep in its control store.
+    with patched_env({"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), **CLUSTER_AWS_ENV},
+                     drop=("AWS_PROFILE", "AWS_ENDPOINT_URL_S3")):
         if not ray.is_initialized():
             ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
         yield ray

@@ -33,7 +33,7 @@ from bdlora_ray.request import GenerationRequest, RequestOutput
 from bdlora_ray.store.manifest import check_name
 from bdlora_ray.tokenizer import make_byte_tokenizer
 from deploy.api import make_api, sse
-from deploy.config import ApiConfig, AppConfig, GroupSpec, ScalingConfig
+from deploy.config import ApiConfig, AppConfig, GroupSpec, ScalingConfig, without_credentials
 from deploy.routing import LocalRouter
 from deploy.serving import GroupServer
 from serving_fixtures import assert_openai_error, serve_app, wait_until
@@ -557,7 +557,7 @@ def served(request, ray_session, tmp_path_factory):
                       for i, n in enumerate(affinity))
         names = seed_adapters(model, d / "peft", uri, 2, DEMO_ADAPTERS + extra)
         spec = GroupSpec(model_path=str(model), adapters_uri=uri, tp=2, worker_cpus=0.2,
-                         engine=(("max_model_len", 128),), env_vars=tuple(s3.env.items()))
+                         engine=(("max_model_len", 128),), env_vars=without_credentials(s3.env))
         factory, adapters, models = None, tuple(names[:3]), (BASE, *sorted(names))
     config = AppConfig(group=spec, scaling=ScalingConfig(min_groups=2, max_groups=2))
     with serve_app(config, factory, SERVE_APP) as url:

@@ -33,7 +33,7 @@ from bdlora_ray.lora.shard import AdapterShards, shard_adapter
 from bdlora_ray.store import AdapterBucket
 from bdlora_ray.store.manifest import MANIFEST, Manifest, ShardFile, build_adapter_files, sha256_hex
 from bdlora_ray.synthetic import random_adapter
-from deploy.config import ApiConfig, AppConfig, GroupSpec
+from deploy.config import ApiConfig, AppConfig, GroupSpec, without_credentials
 from s3_proxy import S3Proxy
 from serving_fixtures import assert_openai_error, serve_app, wait_until
 
@@ -186,7 +186,7 @@ def app(ray_session, s3_server, tmp_path_factory):
                      engine=(("max_model_len", MAX_MODEL_LEN), ("max_num_seqs", MAX_NUM_SEQS),
                              ("max_queue_len", MAX_QUEUE_LEN)),
                      s3_max_attempts=S3_ATTEMPTS, s3_connect_timeout_s=2.0, s3_read_timeout_s=30.0,
-                     env_vars=tuple({**s3_server.env, "AWS_ENDPOINT_URL": proxy.endpoint}.items()))
+                     env_vars=without_credentials({**s3_server.env, "AWS_ENDPOINT_URL": proxy.endpoint}))
     config = AppConfig(group=spec, api=ApiConfig(model_name=BASE, admin_token=TOKEN))
     try:
         with serve_app(config, app_name=APP_NAME) as url, httpx.Client(base_url=url, timeout=120) as http:

@@ -55,8 +55,11 @@ class AdapterMeta:
                        scale=float(d["scale"]), targets=tuple(d["targets"]), num_layers=int(d["num_layers"]),
                        base_model=str(d.get("base_model", "")),
                        block_targets=tuple(d.get("block_targets", ())))
-        except (KeyError, TypeError, ValueError) as e:
-            raise AdapterInvalid(f"adapter metadata malformed: {e!r}") from None
+        except KeyError as e:
+            raise AdapterInvalid(f"adapter metadata lacks the field {e.args[0]!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise AdapterInvalid("adapter metadata malformed: mode must be a string, tp, rank and num_layers "
+                                 "integers, alpha and scale numbers, targets a list of names") from None
         if meta.mode not in MODES:
             raise AdapterInvalid(f"unknown mode {meta.mode!r}")
         if unknown := set(meta.targets) - set(TARGETS):

@@ -262,8 +262,10 @@ class AdapterStore:
             return None
         return blob
 
-    def _load_shard(self, name: str, tp_rank: int) -> ShardBlob:
+    def _load_shard(self, name: str, tp_rank: int, recheck: bool = True) -> ShardBlob:
         c = self.config
+        with self._lock:
+            was_cached = name in self._manifests
         m = self.manifest(name)
         f = m.files[tp_rank]
         with self._lock:  # the manifest was read again (evicted, invalidated): the shard may still be good
@@ -284,8 +286,16 @@ class AdapterStore:
                 self._stats.bytes_by_rank[tp_rank] = self._stats.bytes_by_rank.get(tp_rank, 0) + len(data)
             tensors = validate_shard(data, m, tp_rank, c.model, c.max_header_bytes, what)
         except AdapterInvalid:
-            # The manifest may be stale (adapter re-pushed) or lie: read it afresh next time.
+            # The manifest may be stale (adapter re-pushed, fixed) or lie: read it afresh next time.
             self.invalidate(name)
+            if recheck and was_cached:
+                if self.manifest(name).files[tp_rank] != f:
+                    # It was stale: the adapter changed in S3 since its manifest was cached, so this
+                    # request gets what S3 holds now, not the failure of an older version.
+                    log.info("adapter %s changed in the store since its manifest was cached: loading it again",
+                             name)
+                    return self._load_shard(name, tp_rank, recheck=False)
+                self.invalidate(name)  # the same, and broken: keep nothing of it
             raise
         blob = ShardBlob.pack(name, tp_rank, m.meta, tensors, f.sha256)
         with self._lock:

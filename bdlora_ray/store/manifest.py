@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from safetensors.torch import save as save_safetensors
 
 from bdlora_ray.config import LlamaConfig
-from bdlora_ray.errors import AdapterInvalid, AdapterNameInvalid
+from bdlora_ray.errors import AdapterInvalid, AdapterNameInvalid, BdloraError, log_incident
 from bdlora_ray.lora.shard import AdapterMeta, AdapterShards
+
+log = logging.getLogger(__name__)
 
 FORMAT = "bdlora-adapter"
 FORMAT_VERSION = 1
@@ -44,6 +50,28 @@ def check_name(name: object) -> str:
         raise AdapterNameInvalid(f"invalid adapter name {shown}: expected 1-128 characters of "
                                  "[A-Za-z0-9._-], starting with a letter or digit, without '..'")
     return name
+
+
+@contextmanager
+def parsing(what: str) -> Iterator[None]:
+    """Any failure while parsing or checking a store object is AdapterInvalid.
+
+    The checks raise typed errors that say what is wrong; anything else (RecursionError from a
+    deeply nested JSON document, an overflow, a library's own exception) is logged with an error
+    id, and the client is told only the id: its text is the server's business, and a hostile object
+    must never turn into a 500.
+    """
+    try:
+        yield
+    except BdloraError:
+        raise
+    except Exception as e:
+        error_id = log_incident(log, f"{what}: unexpected failure while parsing", e)
+        raise AdapterInvalid(f"{what}: cannot be parsed (error id {error_id})") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise AdapterInvalid(f"{name} is not a JSON number")
 
 
 def shard_file_name(tp_rank: int, tp: int) -> str:
@@ -92,10 +120,17 @@ class Manifest:
     @classmethod
     def from_json(cls, data: bytes, what: str = "manifest") -> "Manifest":
         """Parse and structurally check a manifest; AdapterInvalid on anything unexpected."""
+        with parsing(what):
+            return cls._from_json(data, what)
+
+    @classmethod
+    def _from_json(cls, data: bytes, what: str) -> "Manifest":
         try:
-            d = json.loads(data)
+            d = json.loads(data, parse_constant=_no_constant)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise AdapterInvalid(f"{what}: not valid JSON ({e})") from None
+        except AdapterInvalid as e:
+            raise AdapterInvalid(f"{what}: {e}") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise AdapterInvalid(f"{what}: not a {FORMAT} manifest")
         if d.get("format_version") != FORMAT_VERSION:
@@ -103,7 +138,12 @@ class Manifest:
                                  f"(this server reads version {FORMAT_VERSION})")
         if not isinstance(d.get("adapter"), dict):
             raise AdapterInvalid(f"{what}: missing 'adapter' section")
-        meta = AdapterMeta.from_dict(d["adapter"])
+        try:
+            meta = AdapterMeta.from_dict(d["adapter"])
+        except AdapterInvalid as e:
+            raise AdapterInvalid(f"{what}: {e}") from None
+        if not (math.isfinite(meta.alpha) and math.isfinite(meta.scale)):
+            raise AdapterInvalid(f"{what}: alpha and scale must be finite")
         base, files = d.get("base_model"), d.get("files")
         if (not isinstance(base, dict) or not isinstance(base.get("name"), str)
                 or not isinstance(base.get("shapes"), dict)

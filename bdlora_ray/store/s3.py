@@ -19,7 +19,14 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from bdlora_ray.errors import AdapterInvalid, AdapterNameInvalid, AdapterNotFound, AdapterUnavailable
+from bdlora_ray.errors import (
+    AdapterInvalid,
+    AdapterNameInvalid,
+    AdapterNotFound,
+    AdapterUnavailable,
+    BdloraError,
+    log_incident,
+)
 from bdlora_ray.store.manifest import MANIFEST, Manifest, check_name
 from bdlora_ray.store.validate import describe_foreign_body
 
@@ -95,8 +102,11 @@ class AdapterBucket:
             code = str(e.response.get("Error", {}).get("Code", ""))
             if code in _MISSING:
                 return AdapterNotFound(f"{what} not found")
-            return AdapterUnavailable(f"{what}: S3 error {code or e}")
-        return AdapterUnavailable(f"{what}: adapter store unreachable ({type(e).__name__}: {e})")
+            if code:
+                return AdapterUnavailable(f"{what}: S3 error {code}")
+            return AdapterUnavailable(f"{what}: S3 error (error id {log_incident(log, what, e)})")
+        # The exception's text names endpoints and internals: the log has it, the client the id.
+        return AdapterUnavailable(f"{what}: adapter store unreachable (error id {log_incident(log, what, e)})")
 
     def get(self, name: str, file: str, max_bytes: int, expected_size: int | None = None) -> bytes:
         """One object's bytes; AdapterInvalid if its size is wrong or above `max_bytes`.
@@ -163,13 +173,25 @@ class AdapterBucket:
         """Every adapter under the prefix; one whose manifest fails carries its error.
 
         `manifest(name)` reads (and may check) a manifest; default: `self.manifest`.
+        An unreachable store is still AdapterUnavailable (the listing would be wrong, not short);
+        anything else one adapter raises stays with that adapter: one bad object never fails the
+        listing of the others.
         """
         read = manifest or self.manifest
         infos = []
         for name in self.names():
             try:
                 infos.append(AdapterInfo.of(name, read(name)))
-            except (AdapterInvalid, AdapterNotFound) as e:
+            except AdapterUnavailable:
+                raise
+            except BdloraError as e:
                 infos.append(AdapterInfo(name, error=f"{type(e).__name__}: {e}"))
+            except Exception as e:
+                error_id = log_incident(log, f"listing adapter {name!r}: unexpected failure", e)
+                infos.append(AdapterInfo(name, error=f"unexpected failure (error id {error_id})"))
+        broken = [i.name for i in infos if i.error]
+        if broken:
+            log.warning("%d adapters under %s cannot be served: %s%s", len(broken), self.uri, ", ".join(broken[:10]),
+                        " ..." if len(broken) > 10 else "")
         return infos
 

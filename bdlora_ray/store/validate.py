@@ -22,7 +22,7 @@ from torch import Tensor
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.errors import AdapterInvalid
 from bdlora_ray.lora.shard import expected_shard_shapes
-from bdlora_ray.store.manifest import Manifest, sha256_hex
+from bdlora_ray.store.manifest import Manifest, parsing, sha256_hex
 
 ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}  # the dtypes an adapter may use
 DEFAULT_MAX_HEADER_BYTES = 4 << 20          # ~30k tensors of header: far above any real shard
@@ -87,6 +87,12 @@ def validate_shard(data: bytes, manifest: Manifest, tp_rank: int, cfg: LlamaConf
 
     `manifest` must already have passed `Manifest.check_serves` for `cfg`.
     """
+    with parsing(what):
+        return _validate_shard(data, manifest, tp_rank, cfg, max_header_bytes, what)
+
+
+def _validate_shard(data: bytes, manifest: Manifest, tp_rank: int, cfg: LlamaConfig, max_header_bytes: int,
+                    what: str) -> dict[str, Tensor]:
     f = manifest.files[tp_rank]
     if len(data) != f.size:
         raise AdapterInvalid(f"{what}: {len(data)} bytes, manifest says {f.size} (truncated or replaced)"
