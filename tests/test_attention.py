@@ -1,8 +1,10 @@
-"""Paged attention (KV in scattered pages, decode rows batched) against plain causal attention."""
+"""Paged attention (KV in scattered pages, decode rows batched) against torch's causal SDPA on the
+unpaged K/V of each whole sequence."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from bdlora_ray.attention import AttentionMeta, attend
 
@@ -29,12 +31,27 @@ def test_paged_step_of_decodes_and_prefills_equals_causal_attention_over_whole_s
             kv[layer][table.long()[pos // BLOCK], 1, pos % BLOCK] = v[:cached]
     meta = AttentionMeta([n for _, n in seqs], [c for c, _ in seqs], tables, kv, BLOCK)
     new = lambda i: torch.cat([t[c:] for (c, _), t in zip(seqs, (f[i] for f in full))])  # noqa: E731
+    # The reference knows nothing of pages or of this module: each whole sequence through torch's
+    # causal SDPA, K/V heads repeated for their query heads; the rows this step added are compared.
+    want = torch.cat([causal_sdpa(q, k, v)[c:] for (c, _), (q, k, v) in zip(seqs, full)])
     for layer in range(2):  # the second layer reuses the step's plan
         out = attend(new(0), new(1), new(2), meta, layer)
-        want = attend(*(torch.cat([f[i] for f in full]) for i in range(3)), AttentionMeta([c + n for c, n in seqs]), 0)
-        rows, start = [], 0
-        for c, n in seqs:
-            rows += range(start + c, start + c + n)
-            start += c + n
-        torch.testing.assert_close(out, want[rows], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert "paged_plan" in meta.extra
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One whole sequence: q (n, nh, hd), k, v (n, nkv, hd) -> (n, nh, hd)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # (n, nh, hd)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
+    return o.transpose(0, 1)  # (nh, n, hd) -> (n, nh, hd)
+
+
+def test_unpaged_attention_of_several_sequences_equals_causal_sdpa_of_each():
+    g = torch.Generator().manual_seed(1)
+    lens = [5, 1, 9, 2]
+    q, k, v = (torch.randn(sum(lens), h, HD, generator=g) for h in (NH, NKV, NKV))
+    out = attend(q, k, v, AttentionMeta(lens), 0)
+    want = torch.cat([causal_sdpa(*(t.split(lens)[i] for t in (q, k, v))) for i in range(len(lens))])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

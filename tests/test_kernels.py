@@ -302,17 +302,30 @@ def test_backend_selection(monkeypatch):
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="forcing triton on CPU tensors needs TRITON_INTERPRET=1")
-def test_forced_triton_equals_torch_backend():
+def test_forced_triton_equals_torch_backend(monkeypatch):
+    """backend="triton" runs the Triton kernels (and only it does), and both backends equal the reference."""
+    import kernels.lora_expand_op as expand_op
+    import kernels.lora_shrink_op as shrink_op
+
+    triton_calls: list[str] = []
+    for module, name in ((shrink_op, "lora_shrink"), (expand_op, "lora_expand")):
+        def spy(*args, _real=getattr(module, name), _name=name, **kw):
+            triton_calls.append(_name)
+            return _real(*args, **kw)
+        monkeypatch.setattr(module, name, spy)
     c = make_case(BATCHES["decode"], seed=6)
     outs = {}
-    for backend in ("torch", "triton"):
+    for backend in ("reference", "torch", "triton"):
+        before = len(triton_calls)
         h = kernels.lora_shrink(c.x, *c.paged(), c.a_offset, c.rank, MAX_RANK, backend=backend)
         y = kernels.lora_expand(h, *c.paged(), c.b_offset, c.rank, c.out_start, c.out_len, c.scale, c.y.clone(),
                                 backend=backend)
+        assert triton_calls[before:] == (["lora_shrink", "lora_expand"] if backend == "triton" else []), backend
         outs[backend] = (h, y)
-    for got, want in zip(outs["triton"], outs["torch"]):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert callable(kernels.lora_shrink) and callable(kernels.lora_expand)
+    assert not torch.equal(outs["reference"][1], c.y)  # the adapters changed y: the comparison means something
+    for backend in ("torch", "triton"):
+        for got, want in zip(outs[backend], outs["reference"]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_import_is_lazy():
