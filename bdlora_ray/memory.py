@@ -77,13 +77,6 @@ class PoolConfig:
         return cls(num_layers=cfg.num_layers, num_pages=num_pages, block_size=block_size,
                    kv_heads=cfg.num_kv_heads // tp, head_dim=cfg.head_dim, dtype=dtype, device=device)
 
-    @classmethod
-    def pages_in_bytes(cls, cfg: LlamaConfig, tp: int, nbytes: int, block_size: int = 16,
-                       dtype: torch.dtype = torch.float32) -> int:
-        """How many pages of `for_model(cfg, tp, ...)` fit in `nbytes` of device memory."""
-        one = cls.for_model(cfg, tp, 1, block_size, dtype)
-        return nbytes // one.nbytes
-
 
 @dataclass
 class PooledAdapter:
@@ -97,11 +90,6 @@ class PooledAdapter:
     @property
     def num_pages(self) -> int:
         return int(self.pages.numel())
-
-    @property
-    def max_rank(self) -> int:
-        """Largest per-rank LoRA rank over its targets (rows of A_s)."""
-        return max((s.rows for s in self.layout.segments if s.factor == "A"), default=0)
 
 
 class PoolListener(Protocol):

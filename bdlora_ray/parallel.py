@@ -3,7 +3,7 @@
 Column-parallel (q|k|v, gate|up): input replicated, this rank owns a slice
 of the outputs. Row-parallel (o, down): input sharded, partial outputs summed
 by the all-reduce. The LoRA part goes through the kernels (`kernels`), and
-adds a collective only for `slora` rows (DESIGN.md): an all-gather of the
+adds a collective only for `slora` rows (README.md, "How it works"): an all-gather of the
 rank-space vector after a column shrink, an all-reduce after a row shrink.
 """
 

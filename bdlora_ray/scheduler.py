@@ -98,9 +98,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.running) or any(s.adapter is None or self.adapter_ready(s.adapter) for s in self.waiting)
-
     def release(self, seq: Sequence) -> None:
         """Free a sequence's KV and its adapter pin (finish, abort, preemption)."""
         if seq.status is Status.RUNNING:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,36 @@ def test_worker_bundles_refuse_a_bad_tp(tp):
 
     with pytest.raises(ValueError, match="tp must be >= 1"):
         worker_bundles(tp, False, 0.5)
+
+
+# Paths a reader may follow: a file of one of the project's folders, or a top-level document.
+_PATH_REF = re.compile(r"(?<![\w/.])((?:bdlora_ray|deploy|bench|kernels|tests|docs)/[\w/.-]*\w\.(?:py|md|yaml)"
+                       r"|[A-Z][A-Z_]+\.md)\b")
+_MD_LINK = re.compile(r"\]\(([^)#\s]+)\)")
+
+
+def referenced_paths(text: str) -> set[str]:
+    return set(_PATH_REF.findall(text))
+
+
+def test_path_scan_finds_both_forms():
+    # (the names are split so that this file itself names no missing file)
+    assert referenced_paths("see deploy/con" "fig.py, (NOWHERE" ".md) and `bench/RESULTS.md`; not x/deploy/y.py") == {
+        "deploy/config.py", "NOWHERE" ".md", "bench/RESULTS.md"}
+
+
+def test_docs_and_docstrings_name_only_files_that_exist():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    sources = [ROOT / f for f in tracked.split() if f.endswith((".py", ".md", ".yaml", ".toml")) or f == "Makefile"]
+    missing = {}
+    for path in sources:
+        if not path.is_file():
+            continue  # deleted in the working tree, not yet in git's index
+        text = path.read_text()
+        refs = {ROOT / r for r in referenced_paths(text)}
+        if path.suffix == ".md":  # links are relative to the document
+            refs |= {path.parent / link for link in _MD_LINK.findall(text) if "://" not in link}
+        gone = sorted(str(r.relative_to(ROOT)) if r.is_relative_to(ROOT) else str(r) for r in refs if not r.exists())
+        if gone:
+            missing[str(path.relative_to(ROOT))] = gone
+    assert not missing, missing

@@ -90,7 +90,6 @@ def test_bad_names_are_rejected_before_any_request(bucket, idle_store, name):
         with pytest.raises(AdapterNameInvalid) as e:
             call()
         assert e.value.http_status == 400
-    assert store.prefetch([name]) == 0
     assert store.stats()["manifest_fetches"] == 0 and store.stats()["downloads"] == 0
 
 
@@ -146,21 +145,6 @@ def test_host_cache_is_lru_bounded_in_bytes(bucket):
     assert s["cached_bytes"] == 3 * one <= store.config.cache_bytes
     assert_shard_equal(store.get_shard("lru1", 0), shards["lru1"].ranks[0])  # fetched again
     assert store.stats()["downloads"] == 5
-
-
-def test_prefetch_loads_every_rank_in_the_background(bucket):
-    upload(bucket, "pf1", random_shards(8, seed=20))
-    upload(bucket, "pf2", random_shards(32, seed=21))
-    store = make_store()
-    assert store.prefetch(["pf1", "pf2", "pf1", "../x", "no-such-adapter"]) == 6
-    wait_until(lambda: store.stats()["prefetching"] == 0)
-    assert sorted(store.cached()) == [("pf1", 0), ("pf1", 1), ("pf2", 0), ("pf2", 1)]
-    for name in ("pf1", "pf2"):
-        for rank in range(TP):
-            store.get_shard(name, rank)
-    s = store.stats()
-    assert (s["downloads"], s["hits"]) == (4, 4)
-    assert store.prefetch(["pf1", "pf2"]) == 0  # all cached: nothing to do
 
 
 def _gate(store: AdapterStore, fail: Exception | None = None) -> tuple[threading.Event, list[str]]:

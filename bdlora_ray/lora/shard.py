@@ -1,4 +1,4 @@
-"""Turn a PEFT adapter into N per-rank shards (DESIGN.md, "The math").
+"""Turn a PEFT adapter into N per-rank shards (README.md, "How it works").
 
 Per target, on TP rank i of N (O_i: rank i's output rows, I_i: its input
 columns, R_i: the i-th r/N block of the rank dimension):

@@ -20,8 +20,8 @@ import logging
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from bdlora_ray.config import LlamaConfig
-from bdlora_ray.errors import AdapterInvalid, AdapterNotFound, BdloraError
+from bdlora_ray.errors import AdapterInvalid, AdapterNotFound
 from bdlora_ray.lora.shard import AdapterMeta
 from bdlora_ray.store.manifest import Manifest, check_name
 from bdlora_ray.store.s3 import AdapterBucket, AdapterInfo, S3Config
@@ -55,7 +55,6 @@ class StoreConfig:
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_manifests: int = 100_000      # manifests kept (a few KB each)
     check_base_name: bool = True      # also require the manifest's base model name to equal model.name
-    prefetch_threads: int = 4         # concurrent background downloads
     s3: S3Config = S3Config()         # retries and timeouts
 
 
@@ -111,7 +110,6 @@ class StoreStats:
     evictions: int = 0         # cached shards dropped to stay within cache_bytes
     cached_bytes: int = 0      # bytes of shards in the host cache now
     cached_shards: int = 0     # shards in the host cache now
-    prefetching: int = 0       # prefetch loads queued or running now
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "bytes_by_rank": dict(self.bytes_by_rank)}
@@ -164,7 +162,6 @@ class AdapterStore:
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()  # validated for this server, LRU
         self._inflight: dict[tuple, Future] = {}  # load key -> the leader's result, for joiners
         self._stats = StoreStats()
-        self._prefetcher = ThreadPoolExecutor(config.prefetch_threads, thread_name_prefix="adapter-prefetch")
 
     # ---- single flight -----------------------------------------------------
 
@@ -304,38 +301,6 @@ class AdapterStore:
         log.info("loaded adapter %s rank %d (%d bytes)", name, tp_rank, f.size)
         return blob
 
-    def prefetch(self, names: Iterable[str]) -> int:
-        """Start background loads of every rank's shard of `names` (e.g. of queued requests).
-
-        Returns how many (adapter, rank) loads were started. Errors are logged,
-        not raised: the request that needs the adapter will meet them itself.
-        """
-        started = 0
-        for name in dict.fromkeys(names):
-            try:
-                check_name(name)
-            except BdloraError as e:
-                log.warning("not prefetching: %s", e)
-                continue
-            for rank in range(self.config.tp):
-                with self._lock:
-                    busy = self._current((name, rank)) is not None or ("shard", name, rank) in self._inflight
-                    if not busy:
-                        self._stats.prefetching += 1
-                if not busy:
-                    self._prefetcher.submit(self._prefetch_one, name, rank)
-                    started += 1
-        return started
-
-    def _prefetch_one(self, name: str, rank: int) -> None:
-        try:
-            self.get_shard(name, rank)
-        except BdloraError as e:
-            log.warning("prefetch of %s rank %d failed: %s", name, rank, e)
-        finally:
-            with self._lock:
-                self._stats.prefetching -= 1
-
     def invalidate(self, name: str) -> None:
         """Forget the adapter's manifest and cached shards (e.g. after it was pushed again)."""
         with self._lock:
@@ -353,10 +318,6 @@ class AdapterStore:
             self._stats.cached_bytes = self._cache.nbytes
             self._stats.cached_shards = len(self._cache.entries)
             return self._stats.to_dict()
-
-    def close(self) -> None:
-        self._prefetcher.shutdown(wait=True, cancel_futures=True)
-
 
 # Threaded actor: cold downloads run beside cache hits. num_cpus=0: it mostly waits on I/O.
 AdapterStoreActor = ray.remote(num_cpus=0, max_concurrency=16)(AdapterStore)
