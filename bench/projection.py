@@ -5,7 +5,7 @@ shard, the LoRA kernels (shrink + expand per fused linear), and the base
 model's two all-reduces (o, down); slora adds four small collectives per
 layer (an all-gather of the rank-space vector after each column shrink, qkv
 and gate|up; an all-reduce after each row shrink, o and down), bd none
-(DESIGN.md). Step time = layers x that + the LM head and the embedding
+(README.md, "How it works"). Step time = layers x that + the LM head and the embedding
 all-reduce; speed-up = slora step / bd step.
 
 Inputs: GEMM and kernel times measured on a GPU when `bench/gpu.py` has run
