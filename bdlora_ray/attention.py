@@ -107,12 +107,13 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 def _causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """One sequence: q (n, nh, hd) at the last n of the total positions of k, v (total, nkv, hd)."""
     n, total = q.shape[0], k.shape[0]
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, n|total, hd)
+    # (1, heads, n|total, hd): SDPA's fused kernels take 4-D inputs only, 3-D ones fall to the math path.
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if n == total:  # the whole sequence is new: plain causal, no mask, so CUDA can use flash attention
-        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True).transpose(0, 1)
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
     # Row j sits at absolute position total - n + j and sees keys <= it (SDPA's is_causal is top-left aligned).
     mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
-    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True).transpose(0, 1)
+    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, meta: AttentionMeta, layer: int) -> Tensor:

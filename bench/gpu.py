@@ -77,7 +77,7 @@ GPU = Plan(device="cuda", kernel_test_args=("-m", "cuda"), model_tol_fp32=1e-3,
            sweep_adapters=(1, 16, 64, 256), sweep_slots=512, sweep_ranks=(8, 16, 32, 64), sweep_page=4096,
            decode_model="llama-3.1-8b", decode_batches=(64, 256), decode_adapters=(0, 1, 16, 64, 256),
            decode_ranks=(8, 16, 32, 64), decode_steps=10,
-           budget_s={"kernel_tests": 100, "model_tp1": 50, "model_tp2": 50, "kernel_sweep": 130, "decode": 130})
+           budget_s={"kernel_tests": 120, "model_tp1": 50, "model_tp2": 50, "kernel_sweep": 120, "decode": 120})
 DRY = Plan(device="cpu", kernel_test_args=("-k", "test_dispatch_with_shared_segments_matches_dense and cpu"),
            model_tol_fp32=1e-4, sweep_tps=(2,), sweep_layers=("tiny",), sweep_tokens=(1, 3),
            sweep_adapters=(1, 2), sweep_slots=4, sweep_ranks=(2, 4), sweep_page=10,
@@ -106,9 +106,13 @@ def time_us(fn: Callable[[], Any], plan: Plan) -> float:
 
 
 def kernel_tests(plan: Plan, work: Path, deadline: float) -> dict:
+    import importlib.util
+
     xml = work / "kernel_tests.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "tests/test_kernels.py", "-p", "no:cacheprovider",
            f"--junitxml={xml}", *plan.kernel_test_args]
+    if plan.device == "cuda" and importlib.util.find_spec("xdist"):  # Triton compiles dominate: use the cores
+        cmd += ["-n", str(min(8, os.cpu_count() or 1))]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(10.0, deadline - time.time()))
     suite = ET.parse(xml).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -223,10 +227,35 @@ def model_tp1(plan: Plan, work: Path, deadline: float) -> dict:
             ok &= good
             rows.append({"dtype": str(dtype).removeprefix("torch."), "case": label, "max_abs_err": err,
                          "hf_bf16_err": hf_err, "tol": tol, "adapter_effect": moved, "ok": good})
-    return {"ok": ok, "rows": rows, "peft_bd": _peft_has_bd(),
+    fused = attention_without_math(plan)
+    ok &= fused in (None, "ok")
+    return {"ok": ok, "rows": rows, "peft_bd": _peft_has_bd(), "attention_without_math": fused,
             "tolerances": f"fp32: max |ours - HF+PEFT fp32| <= {plan.model_tol_fp32:g}; bf16: <= max(2 x HF+PEFT "
                           f"bf16's own error vs fp32, 1e-2); each adapter must move the logits by > "
                           f"{10 * plan.model_tol_fp32:g}"}
+
+
+def attention_without_math(plan: Plan) -> str | None:
+    """On CUDA: decode attention (grouped query heads, boolean mask) and whole-sequence prefill
+    (is_causal) at Llama-3.1-8B head shapes in bf16 run with SDPA's math backend disabled
+    ("ok"), or the error saying they cannot. None on CPU, which has only the math path here."""
+    if plan.device != "cuda":
+        return None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from bdlora_ray import attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    D, L, n = 64, 700, 300
+    mask = torch.arange(L, device="cuda")[None, None, None, :] < torch.randint(1, L, (D, 1, 1, 1), device="cuda")
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            attention._decode(r(D, 32, 128), r(D, L, 8, 128), r(D, L, 8, 128), mask)
+            attention._causal(r(n, 32, 128), r(n, 8, 128), r(n, 8, 128))
+        return "ok"
+    except RuntimeError as e:
+        return f"needs the math backend: {str(e)[:300]}"
 
 
 TP2_CASES = {"base": None, "lora (slora)": ("lora", "slora"), "lora (replicated)": ("lora", "replicated"),
@@ -559,6 +588,11 @@ def markdown(report: dict) -> str:
         extra = {k: v for k, v in r.items() if k not in ("rows", "ok", "seconds") and not isinstance(v, (list, dict))}
         out += [", ".join(f"{k}: {_fmt(v)}" for k, v in extra.items()), ""]
         out += _table(r.get("rows", []), cols[name]) + [""]
+    if "projection" in report:
+        from bench.projection import markdown as projection_table
+
+        out += ["## Projection: bd over slora at TP=8 (bench/projection.py, this run's parts)", "",
+                projection_table(report["projection"]), ""]
     return "\n".join(out)
 
 
@@ -589,6 +623,10 @@ def main(argv: list[str] | None = None) -> int:
                        "device": torch.cuda.get_device_name() if plan.device == "cuda" else "cpu",
                        "command": "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])},
               "sections": sections}
+    if sections.get("kernel_sweep", {}).get("rows"):  # the TP=8 projection with this run's measured parts
+        from bench.projection import project
+
+        report["projection"] = project(report)
     (args.out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
     (args.out / "gpu.md").write_text(markdown(report))
     print(markdown(report))

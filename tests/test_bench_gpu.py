@@ -55,6 +55,7 @@ def test_dry_run_writes_every_section_with_sane_content(report):
     for i, name in enumerate(gpu.SECTIONS, 1):
         assert f"## {i}. {name}: ok" in md
     assert "| float32 | lora (slora) |" in md and "| 4 | 2 |" in md
+    assert rep["projection"] and "## Projection: bd over slora at TP=8" in md  # estimates: no TP=8 8B rows here
 
 
 def test_no_gpu_and_unknown_sections_are_refused(tmp_path, capsys):
@@ -76,3 +77,16 @@ def test_one_failing_section_does_not_stop_the_others(tmp_path, monkeypatch):
     rep = json.loads((tmp_path / "gpu.json").read_text())["sections"]
     assert not rep["kernel_tests"]["ok"] and "boom" in rep["kernel_tests"]["error"] and rep["model_tp1"]["ok"]
     assert "RuntimeError: boom" in (tmp_path / "gpu.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_check_imports_no_ray_and_no_boto3():
+    """The GPU machine has neither: everything the check runs must import without them."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for m in ('ray', 'boto3', 'botocore'): sys.modules[m] = None  # importing them now fails\n"
+            "import bench.gpu, bench.projection, bench.kernels, kernels\n"
+            "from bdlora_ray import engine, worker, tp, synthetic, memory\n")
+    subprocess.run([sys.executable, "-c", code], cwd=gpu.ROOT, check=True)

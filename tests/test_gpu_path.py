@@ -174,3 +174,16 @@ def test_grouped_decode_and_causal_prefill_equal_plain_attention():
         causal = torch.ones(n, total, dtype=torch.bool).tril(total - n)[None, None]
         want = _naive(q2.transpose(0, 1)[None], k2.transpose(0, 1)[None], v2.transpose(0, 1)[None], causal)[0]
         torch.testing.assert_close(attention._causal(q2, k2, v2), want.transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_runs_on_a_fused_kernel_not_only_math():
+    """SDPA's fused kernels take 4-D inputs only; a 3-D call silently falls to the math backend
+    (full score matrices). Run with the math backend disabled: on CPU the fused one is flash."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator().manual_seed(1)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    mask = torch.arange(9)[None, None, None, :] < torch.tensor([9, 3])[:, None, None, None]
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        assert attention._decode(r(2, 8, 16), r(2, 9, 2, 16), r(2, 9, 2, 16), mask).shape == (2, 8, 16)
+        assert attention._causal(r(5, 8, 16), r(5, 2, 16), r(5, 2, 16)).shape == (5, 8, 16)
