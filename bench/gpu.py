@@ -463,12 +463,13 @@ def decode(plan: Plan, work: Path, deadline: float) -> dict:
     prompt_len, batch_max = 8, max(plan.decode_batches)
     t0 = time.perf_counter()
     weights = RandomWeights(cfg, dev, dtype)
+    page_bytes = PoolConfig.for_model(cfg, 1, 1, 16, dtype, dev).nbytes  # one page id across all layers
     if dev == "cuda":  # what the weights leave, less room for activations
         model_bytes = 2 * sum(math.prod(s) for s in weights.shapes.values())
-        free = torch.cuda.mem_get_info()[0] - model_bytes
-        pages = PoolConfig.pages_in_bytes(cfg, 1, int(0.7 * free), 16, dtype)
+        pool_bytes = int(0.7 * (torch.cuda.mem_get_info()[0] - model_bytes))
     else:
-        pages = 1024
+        pool_bytes = 1024 * page_bytes
+    pages = pool_bytes // page_bytes
     config = EngineConfig(max_num_seqs=batch_max, max_num_batched_tokens=batch_max * prompt_len,
                           max_model_len=prompt_len + plan.decode_steps + 8, num_pages=pages, max_lora_rank=64)
     worker = TPWorker(cfg, weights, Comm(), PoolConfig.for_model(cfg, 1, pages, 16, dtype, dev),
