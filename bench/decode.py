@@ -1,16 +1,26 @@
-"""Decode throughput of a TP replica group, in one run, as ratios.
+"""Decode throughput of a TP replica group as the number of distinct adapters grows, as ratios.
 
 Two plain processes (gloo) run the engine exactly as a replica group does:
-rank 0 schedules and broadcasts each step, rank 1 follows. Scenarios:
-(a) a batch of B sequences using no LoRA, 1, 16 or 64 distinct adapters
-(BD-LoRA, mode bd); (b) 16 distinct adapters of the same rank served
-bd vs slora vs replicated. Decode tokens/s is timed over steps in which every
-sequence decodes (prefill and adapter loads excluded).
+rank 0 schedules and broadcasts each step, rank 1 follows. Scenarios, all at
+batch B (every sequence decoding in each timed step):
 
-    python -m bench decode [--tp 2] [--batch 64] [--steps 8] [--rank 16] [--json PATH]
+- the acceptance pair: no LoRA, and 1 or B distinct BD-LoRA adapters of rank --rank;
+- the sweep: in each mode (bd, slora, replicated), 1, 4, 16, 64 and 256 distinct
+  adapters of mixed ranks 8, 16, 32, 64 (adapter i has rank (8, 16, 32, 64)[i % 4]);
+  above B, all of them are made resident first and the batch's B rows use
+  B of them spread over the set (the step's cost must not follow residency).
 
-On this CPU the LoRA part runs the torch kernel backend; the ratios,
-not the absolute numbers, are the result. Prints a table, ratios last.
+Each row prints its decode rate as a ratio to no LoRA and to 1 adapter of its
+sweep, beside the FLOP bound: base MACs / (base + LoRA MACs) per token on one
+rank, the LoRA MACs being each row's adapter factors' elements (each is used
+once per token). Adapter loads and prefill are not timed; each scenario's rate
+is its fastest of --windows windows of --steps decode steps (on a shared
+machine the fastest is the least disturbed).
+
+    python -m bench decode [--tp 2] [--batch 64] [--steps 8] [--windows 3] [--rank 16] [--counts 1,4,16,64,256]
+
+On this CPU the LoRA part runs the torch kernel backend; the ratios, not the
+absolute numbers, are the result. Prints a table, the acceptance ratios last.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import torch.multiprocessing as mp
 from bdlora_ray.comm import init_distributed
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.engine import Engine, EngineConfig
+from bdlora_ray.lora.layout import TARGETS
 from bdlora_ray.memory import PoolConfig
 from bdlora_ray.request import GenerationRequest, SamplingParams
 from bdlora_ray.synthetic import random_adapter, write_peft_adapter, write_random_checkpoint
@@ -38,30 +49,60 @@ from bdlora_ray.tokenizer import load_tokenizer
 from bdlora_ray.worker import LocalShardSource, StepChannel, TPWorker
 
 DEFAULT_JSON = Path(__file__).parent / "out" / "decode.json"
+MODES = ("bd", "slora", "replicated")
+MIXED_RANKS = (8, 16, 32, 64)
 
 
-def scenarios(args: argparse.Namespace) -> list[tuple[str, str, int]]:
-    """(label, mode, distinct adapters; 0 = base model only)."""
-    out = [("no LoRA", "bd", 0)] + [(f"{n} adapter{'s' * (n > 1)} (bd)", "bd", n) for n in (1, 16, 64)
-                                   if n <= args.batch]
-    k = min(16, args.batch)
-    if k not in (1, 16):
-        out.append((f"{k} adapters (bd)", "bd", k))
-    k = min(16, args.batch)
-    return out + [(f"{k} adapters {m}", m, k) for m in ("slora", "replicated")]
+def scenarios(args: argparse.Namespace) -> list[dict]:
+    """label, sweep (what '1 adapter' it is compared with), adapter names of the set, rows' adapters."""
+    out = [{"scenario": "no LoRA", "sweep": "base", "mode": None, "adapters": 0, "names": []}]
+    for n in sorted({1, args.batch}):  # the acceptance pair, one rank
+        out.append({"scenario": f"{n} x r{args.rank} (bd)", "sweep": f"r{args.rank}", "mode": "bd", "adapters": n,
+                    "names": [f"bd-r{args.rank}-{i}" for i in range(n)]})
+    for mode in MODES:
+        for n in args.counts:
+            out.append({"scenario": f"{n} mixed ({mode})", "sweep": f"mixed {mode}", "mode": mode, "adapters": n,
+                        "names": [f"{mode}-mix-{i}" for i in range(n)]})
+    return out
 
 
-def make_files(args: argparse.Namespace, cfg: LlamaConfig, root: Path) -> dict[str, tuple[str, str]]:
-    write_random_checkpoint(cfg, root / "model", seed=0)
+def adapter_files(args: argparse.Namespace, cfg: LlamaConfig, root: Path) -> dict[str, tuple[str, str]]:
+    """PEFT files for every name the scenarios use: BD-LoRA (nblocks = TP) for bd, ordinary
+    LoRA for slora and replicated (one file serves both modes)."""
     adapters = {}
-    for i in range(64):
-        bd = write_peft_adapter(random_adapter(cfg, args.rank, nblocks=args.tp, seed=i), root / f"bd{i}")
-        adapters[f"bd{i}"] = (str(bd), "bd")
-    for i in range(16):
-        lora = write_peft_adapter(random_adapter(cfg, args.rank, seed=100 + i), root / f"lora{i}")
-        adapters[f"slora{i}"] = (str(lora), "slora")
-        adapters[f"replicated{i}"] = (str(lora), "replicated")
+    n_max = max(args.counts + [args.batch])
+    for i in range(args.batch):
+        path = write_peft_adapter(random_adapter(cfg, args.rank, nblocks=args.tp, seed=i), root / f"bd-r{args.rank}-{i}")
+        adapters[f"bd-r{args.rank}-{i}"] = (str(path), "bd")
+    for i in range(n_max):
+        rank = MIXED_RANKS[i % len(MIXED_RANKS)]
+        bd = write_peft_adapter(random_adapter(cfg, rank, nblocks=args.tp, seed=1000 + i), root / f"bd-mix-{i}")
+        lora = write_peft_adapter(random_adapter(cfg, rank, seed=2000 + i), root / f"lora-mix-{i}")
+        adapters[f"bd-mix-{i}"] = (str(bd), "bd")
+        adapters[f"slora-mix-{i}"] = (str(lora), "slora")
+        adapters[f"replicated-mix-{i}"] = (str(lora), "replicated")
     return adapters
+
+
+class AdapterCost:
+    """Rank and LoRA multiply-adds per token per layer on rank 0 of each adapter (every factor
+    element is used once per token); read from its shard once."""
+
+    def __init__(self, source: LocalShardSource) -> None:
+        self.source = source
+        self._known: dict[str, tuple[int, int]] = {}  # name -> (rank, MACs)
+
+    def __call__(self, name: str) -> tuple[int, int]:
+        if name not in self._known:
+            meta, tensors = self.source.get_shard(name, 0)
+            self._known[name] = meta.rank, sum(t.numel() for k, t in tensors.items() if k.startswith("layers.0."))
+        return self._known[name]
+
+
+def base_macs(cfg: LlamaConfig, tp: int) -> tuple[int, int]:
+    """(per layer, LM head) multiply-adds per token on one rank: its slices of the weights."""
+    per_layer = sum(cfg.in_features(t) * cfg.out_features(t) for t in TARGETS) // tp
+    return per_layer, cfg.vocab_size * cfg.hidden_size // tp
 
 
 def _worker(rank: int, args: argparse.Namespace, root: str, adapters: dict, init: str, result: str) -> None:
@@ -72,61 +113,116 @@ def _worker(rank: int, args: argparse.Namespace, root: str, adapters: dict, init
     engine_cfg = EngineConfig(num_pages=args.pages, max_num_seqs=args.batch, max_model_len=256,
                               max_num_batched_tokens=args.batch * 16)
     pool = PoolConfig.for_model(cfg, args.tp, engine_cfg.num_pages, engine_cfg.block_size)
-    worker = TPWorker(cfg, str(Path(root) / "model"), comm, pool, LocalShardSource(adapters, cfg, args.tp), channel)
+    source = LocalShardSource(adapters, cfg, args.tp)
+    worker = TPWorker(cfg, str(Path(root) / "model"), comm, pool, source, channel)
     if rank > 0:
         worker.serve_forever()
         return
     engine = Engine(worker, load_tokenizer(Path(root) / "model"), engine_cfg)
+    per_layer, head = base_macs(cfg, args.tp)
+    cost = AdapterCost(source)
     rows = []
-    for label, mode, n in scenarios(args):
-        rows.append({"scenario": label, "mode": mode, "adapters": n,
-                     "tokens_per_s": decode_rate(engine, args, mode, n, label)})
+    for sc in scenarios(args):
+        batch_names = spread(sc["names"], args.batch)
+        if len(sc["names"]) > args.batch:
+            make_resident(engine, args, sc["names"])
+        rate = decode_rate(engine, args, batch_names, sc["scenario"])
+        lora = sum(cost(n)[1] for n in batch_names if n is not None) / args.batch
+        base = cfg.num_layers * per_layer + head
+        rows.append({**{k: v for k, v in sc.items() if k != "names"}, "tokens_per_s": rate,
+                     "ranks": sorted({cost(n)[0] for n in set(batch_names) if n is not None}),
+                     "flop_bound": base / (base + cfg.num_layers * lora)})
+        print(f"{sc['scenario']:<24} {rate:10.1f} tok/s", file=sys.stderr, flush=True)
     engine.stop()  # tells rank 1 to stop
     Path(result).write_text(json.dumps(rows))
 
 
-def decode_rate(engine: Engine, args: argparse.Namespace, mode: str, n: int, label: str) -> float:
-    names = [None] * args.batch if n == 0 else [f"{mode}{i % n}" for i in range(args.batch)]
+def spread(names: list[str], batch: int) -> list[str | None]:
+    """Each row's adapter: round robin over the set, or, when the set is larger than the batch,
+    `batch` distinct ones spread over it (stride n/B plus one, so the ranks still cycle);
+    None for the base model."""
+    if not names:
+        return [None] * batch
+    n = len(names)
+    if n <= batch:
+        return [names[i % n] for i in range(batch)]
+    picked = [names[(i * n // batch + i) % n] for i in range(batch)]
+    if len(set(picked)) != batch:
+        raise ValueError(f"cannot spread {batch} distinct rows over {n} adapters")
+    return picked
+
+
+def make_resident(engine: Engine, args: argparse.Namespace, names: list[str]) -> None:
+    """Load every adapter of the set into the pool (one short request each, B at a time)."""
+    for start in range(0, len(names), args.batch):
+        chunk = names[start:start + args.batch]
+        outs: dict[str, list] = {}
+        for i, name in enumerate(chunk):
+            outs[name] = []
+            params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+            engine.submit(GenerationRequest(f"warm-{name}", (5, 6, 7), name, params), outs[name].append)
+        run_until(engine, lambda: all(o and o[-1].finished for o in outs.values()), "warm-up")
+
+
+def run_until(engine: Engine, done, what: str, timeout_s: float = 900) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if not engine.step():
+            engine.wait_for_work(0.05)  # an adapter fetch in the background
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not finish in {timeout_s} s")
+
+
+def decode_rate(engine: Engine, args: argparse.Namespace, names: list[str | None], label: str) -> float:
     g = torch.Generator().manual_seed(0)
     outs: dict[str, list] = {}
     for i, name in enumerate(names):
         rid = f"{label}-{i}"
         outs[rid] = []
         prompt = tuple(torch.randint(3, 1000, (8,), generator=g).tolist())
-        params = SamplingParams(max_tokens=args.steps + 4, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=args.steps * args.windows + 4, temperature=0.0, ignore_eos=True)
         engine.submit(GenerationRequest(rid, prompt, name, params), outs[rid].append)
-    deadline = time.monotonic() + 600
-    while not all(outs.values()):  # until every sequence has its first token: prefill done
-        engine.step()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{label}: prefill did not finish")
-    assert len(engine.scheduler.running) == args.batch, "every sequence must decode in each timed step"
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        engine.step()
-    dt = time.perf_counter() - t0
-    while not all(o and o[-1].finished for o in outs.values()):
-        engine.step()
+    run_until(engine, lambda: all(outs.values()), f"{label}: prefill")  # every sequence has its first token
+    if len(engine.scheduler.running) != args.batch:
+        raise RuntimeError(f"{label}: {len(engine.scheduler.running)} of {args.batch} sequences running")
+    dt = float("inf")
+    for _ in range(args.windows):  # the fastest window: the least disturbed by other load
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        dt = min(dt, time.perf_counter() - t0)
+    run_until(engine, lambda: all(o and o[-1].finished for o in outs.values()), f"{label}: drain")
     return args.batch * args.steps / dt
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Each row's rate as a ratio to no LoRA and to 1 adapter of its sweep, beside the bounds."""
+    base = next(r for r in rows if r["adapters"] == 0)
+    ones = {r["sweep"]: r for r in rows if r["adapters"] == 1}
+    for r in rows:
+        one = ones.get(r["sweep"], base)
+        r["vs_no_lora"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["vs_1_adapter"] = r["tokens_per_s"] / one["tokens_per_s"]
+        r["bound_vs_1_adapter"] = r["flop_bound"] / one["flop_bound"]
+    return rows
 
 
 def run(args: argparse.Namespace) -> dict:
     cfg = LlamaConfig.from_name("tiny")
     with tempfile.TemporaryDirectory() as d:
-        adapters = make_files(args, cfg, Path(d))
+        write_random_checkpoint(cfg, Path(d) / "model", seed=0)
+        adapters = adapter_files(args, cfg, Path(d))
         result = os.path.join(d, "result.json")
         mp.spawn(_worker, args=(args, d, adapters, f"file://{d}/init", result), nprocs=args.tp, join=True)
-        rows = json.loads(Path(result).read_text())
-    by = {r["scenario"]: r["tokens_per_s"] for r in rows}
-    base = by["no LoRA"]
-    ratios = {f"{r['scenario']} / no LoRA": r["tokens_per_s"] / base for r in rows if r["adapters"]}
-    k = min(16, args.batch)
-    bd = by[f"{k} adapter{'s' * (k > 1)} (bd)"]
-    ratios[f"bd / slora ({k} adapters)"] = bd / by[f"{k} adapters slora"]
-    ratios[f"bd / replicated ({k} adapters)"] = bd / by[f"{k} adapters replicated"]
-    return {"config": {"model": cfg.name, "tp": args.tp, "batch": args.batch, "steps": args.steps,
-                       "rank": args.rank, "device": "cpu", "kernels": "torch backend"},
-            "rows": rows, "ratios": ratios}
+        rows = ratios(json.loads(Path(result).read_text()))
+    by = {r["scenario"]: r for r in rows}
+    one, many = by[f"1 x r{args.rank} (bd)"], by[f"{args.batch} x r{args.rank} (bd)"]
+    acceptance = {f"1 adapter / no LoRA (r{args.rank}, bd)": one["vs_no_lora"],
+                  f"{args.batch} adapters / 1 adapter (r{args.rank}, bd)": many["vs_1_adapter"]}
+    return {"config": {"model": cfg.name, "tp": args.tp, "batch": args.batch, "steps": args.steps, "windows": args.windows,
+                       "rank": args.rank, "counts": args.counts, "mixed_ranks": list(MIXED_RANKS),
+                       "device": "cpu", "kernels": "torch backend"},
+            "rows": rows, "acceptance": acceptance}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,19 +230,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--windows", type=int, default=3, help="timed windows of --steps steps; the fastest counts")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--pages", type=int, default=2048)
+    p.add_argument("--counts", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64, 256],
+                   help="distinct adapters of the mixed-rank sweep, comma separated (must include 1)")
+    p.add_argument("--pages", type=int, default=16384)
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = p.parse_args(argv)
+    if 1 not in args.counts:
+        p.error("--counts must include 1: the sweep's ratios are taken to it")
     out = run(args)
-    print(f"{'scenario':<28} {'decode tok/s':>12}")
+    print(f"{'scenario':<24} {'tok/s':>9} {'vs no LoRA':>10} {'bound':>6} {'vs 1 adapter':>12} {'bound':>6}")
     for r in out["rows"]:
-        print(f"{r['scenario']:<28} {r['tokens_per_s']:>12.1f}")
+        print(f"{r['scenario']:<24} {r['tokens_per_s']:>9.1f} {r['vs_no_lora']:>9.2f}x {r['flop_bound']:>5.2f}x "
+              f"{r['vs_1_adapter']:>11.2f}x {r['bound_vs_1_adapter']:>5.2f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))
     print(f"\nwrote {args.json}")
-    for k, v in out["ratios"].items():
-        print(f"{k:<34} {v:6.2f}x")
+    for k, v in out["acceptance"].items():
+        print(f"{k:<40} {v:6.2f}x")
     return 0
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
-from kernels.lora_torch import StepCache, lora_expand_torch, lora_shrink_torch
+from kernels.lora_torch import StepCache, Workspace, lora_expand_torch, lora_shrink_torch
 
 if TYPE_CHECKING:
     from kernels.lora_shrink_op import Segments
@@ -69,16 +69,17 @@ def lora_segments(idx: Tensor, block_m: int = 16, num_slots: int | None = None) 
 
 
 def plan_segments(idx: Tensor, num_slots: int, backend: str | None = None, *,
-                  slot_class: Tensor | None = None, slot_pages: Tensor | None = None
-                  ) -> Segments | StepCache | None:
+                  slot_class: Tensor | None = None, slot_pages: Tensor | None = None,
+                  workspace: Workspace | None = None) -> Segments | StepCache | None:
     """What one step's kernels share, computed once per step and passed as `segments=` to
     every layer: for triton the rows grouped by slot when the batch is large enough for the
     sorted launch (else None); for torch a `StepCache` of the row plan and gathered pages
     that every layer reuses; None for the reference. `slot_class` / `slot_pages` ((S,) host
-    int64, see `StepCache`) let the torch path share one page gather per layer."""
+    int64, see `StepCache`) let the torch path share one page gather per layer; `workspace`
+    (a `Workspace` the caller keeps across steps) holds the gathered pages."""
     name = resolve_backend(backend, idx)
     if name == "torch":
-        return StepCache(slot_class, slot_pages)
+        return StepCache(slot_class, slot_pages, workspace)
     if name != "triton":
         return None
     op = importlib.import_module("kernels.lora_shrink_op")
@@ -127,4 +128,4 @@ def lora_expand(
 
 
 __all__ = ["BACKENDS", "get_backend", "lora_expand", "lora_segments", "lora_shrink", "plan_segments",
-           "resolve_backend", "set_backend", "StepCache"]
+           "resolve_backend", "set_backend", "StepCache", "Workspace"]

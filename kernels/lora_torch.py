@@ -36,6 +36,19 @@ from torch import Tensor
 PADDED_MAX_WASTE = 2.0
 
 
+class Workspace:
+    """Memory for the per-layer page gathers, kept across layers and steps: a fresh multi-MB
+    tensor per layer costs page faults comparable to the copy itself."""
+
+    def __init__(self) -> None:
+        self._flat = torch.empty(0)
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        if self._flat.numel() < numel or self._flat.dtype != dtype or self._flat.device != device:
+            self._flat = torch.empty(max(numel, 2 * self._flat.numel()), dtype=dtype, device=device)
+        return self._flat[:numel]
+
+
 class StepCache:
     """What every layer of one batch shares on the torch path: its row plan and, per layer,
     the gathered pages. Computed at the first layer, reused by the others. Entries are keyed
@@ -44,10 +57,13 @@ class StepCache:
 
     slot_class: (C,) int64 host tensor; slots with equal class have equal offsets, ranks,
         output columns and page counts in every linear (None: derived per call).
-    slot_pages: (C,) int64 host tensor; pages each slot uses (None: the page table's width)."""
+    slot_pages: (C,) int64 host tensor; pages each slot uses (None: the page table's width).
+    workspace: where the gathered pages go (None: fresh tensors)."""
 
-    def __init__(self, slot_class: Tensor | None = None, slot_pages: Tensor | None = None) -> None:
+    def __init__(self, slot_class: Tensor | None = None, slot_pages: Tensor | None = None,
+                 workspace: Workspace | None = None) -> None:
         self.slot_class, self.slot_pages = slot_class, slot_pages
+        self.workspace = workspace
         self._entries: dict[tuple, Any] = {}
         self._latest: dict[str, tuple[tuple, Any]] = {}
 
@@ -89,6 +105,11 @@ class RowPlan:
     rows: Tensor                   # (Ta,) int64 active rows sorted by (class, slot)
     slot_of_row: Tensor            # (Ta,) int64 their slots
     classes: tuple[ClassPlan, ...]
+    identity: bool = False         # rows == arange(T): every row active and already in order
+
+    def take(self, t: Tensor) -> Tensor:
+        """t's rows in plan order (t itself when the order is the identity)."""
+        return t if self.identity else t.index_select(0, self.rows)
 
 
 def strategy(num_rows: int, num_slots: int, busiest: int) -> str:
@@ -126,7 +147,8 @@ def _row_plan(idx: Tensor, slot_class: Tensor, slot_pages: Tensor) -> RowPlan:
         busiest = max(counts_l[u0:u1])
         classes.append(ClassPlan(r0, r1, uniq[u0:u1], u_id[r0:r1] - u0, pos[r0:r1], busiest,
                                  int(slot_pages[int(uniq[u0])]), strategy(r1 - r0, u1 - u0, busiest)))
-    return RowPlan(rows, slot, tuple(classes))
+    identity = Ta == len(idx) and bool((rows == torch.arange(Ta, device=rows.device)).all())
+    return RowPlan(rows, slot, tuple(classes), identity)
 
 
 def _plan(idx: Tensor, page_table: Tensor, meta: tuple[Tensor, ...], cache: StepCache | None) -> RowPlan:
@@ -156,10 +178,19 @@ def _class_buffers(pool: Tensor, page_table: Tensor, plan: RowPlan, cache: StepC
     """Per class, its slots' pages of this layer: (U_c, pages_c * P) float32, one copy each.
     The newest layer's are kept in the cache: every linear of a layer shares them."""
     def make() -> list[Tensor]:
-        out = []
-        for c in plan.classes:
+        P = pool.shape[1]
+        sizes = [len(c.slots) * c.pages * P for c in plan.classes]
+        ws = cache.workspace if cache is not None else None
+        flat = ws.take(sum(sizes), pool.dtype, pool.device) if ws is not None else None
+        out, at = [], 0
+        for c, size in zip(plan.classes, sizes):
             ids = page_table.index_select(0, c.slots)[:, :c.pages].reshape(-1).long()
-            out.append(pool.index_select(0, ids).view(len(c.slots), -1).float())
+            if flat is None:
+                buf = pool.index_select(0, ids)
+            else:  # the previous layer's buffers are dead: layers run one after the other
+                buf = torch.index_select(pool, 0, ids, out=flat[at:at + size].view(-1, P))
+            out.append(buf.view(len(c.slots), -1).float())
+            at += size
         return out
 
     if cache is None:
@@ -196,8 +227,9 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
     if not plan.classes:
         return h
     bufs = _class_buffers(pool, page_table, plan, cache)
-    xs = x.index_select(0, plan.rows).float()  # (Ta, d_in)
-    hs = torch.zeros(len(plan.rows), n_slices, max_rank, dtype=torch.float32, device=x.device)
+    xs = plan.take(x).float()  # (Ta, d_in)
+    hs = h if plan.identity else torch.zeros(len(plan.rows), n_slices, max_rank, dtype=torch.float32,
+                                              device=x.device)
     for c, buf in zip(plan.classes, bufs):
         offs, ranks = _slot_meta(c, (a_offset, rank))
         xc = xs[c.r0:c.r1]
@@ -205,7 +237,8 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
             if r > 0:
                 A = buf[:, off:off + r * d_in].view(len(c.slots), r, d_in)  # (U_c, r, d_in), a view
                 hs[c.r0:c.r1, s, :r] = _product(xc, A, c)
-    h[plan.rows] = hs
+    if not plan.identity:
+        h[plan.rows] = hs
     return h
 
 
@@ -216,8 +249,10 @@ def lora_expand_torch(h: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
     if not plan.classes:
         return y
     bufs = _class_buffers(pool, page_table, plan, cache)
-    hs = h.index_select(0, plan.rows)  # (Ta, n_slices, R)
-    ys = y.index_select(0, plan.rows).float()  # (Ta, d_out)
+    hs = plan.take(h)  # (Ta, n_slices, R)
+    # float32 y in plan order is updated in place: the same sums as the reference's y.float() + delta
+    in_place = plan.identity and y.dtype == torch.float32
+    ys = y if in_place else plan.take(y).float()  # (Ta, d_out)
     sc = scale.index_select(0, plan.slot_of_row)[:, None]  # (Ta, 1)
     for c, buf in zip(plan.classes, bufs):
         offs, ranks, starts, lens = _slot_meta(c, (b_offset, rank, out_start, out_len))
@@ -225,5 +260,6 @@ def lora_expand_torch(h: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
             if r > 0 and n > 0:
                 B = buf[:, off:off + n * r].view(len(c.slots), n, r)  # (U_c, n, r), a view
                 ys[c.r0:c.r1, o:o + n] += _product(hs[c.r0:c.r1, s, :r], B, c) * sc[c.r0:c.r1]
-    y[plan.rows] = ys.to(y.dtype)
+    if not in_place:
+        y[plan.rows] = ys.to(y.dtype)
     return y

@@ -11,28 +11,38 @@ import pytest
 @pytest.mark.slow
 def test_decode_bench_runs(tmp_path, capsys):
     from bench import decode as bench
-    argv = ["--batch", "4", "--steps", "2", "--rank", "8", "--pages", "512", "--json", str(tmp_path / "decode.json")]
-    assert bench.main(argv) == 0
-    result = json.loads((tmp_path / "decode.json").read_text())
-    assert result["config"] | {"tp": 2, "batch": 4, "steps": 2, "rank": 8} == result["config"]
+    out = tmp_path / "decode.json"
+    # 8 > batch: the resident-set path (all 8 loaded, 4 of them in the batch) runs too.
+    assert bench.main(["--batch", "4", "--steps", "2", "--windows", "2", "--rank", "8", "--counts", "1,2,8",
+                       "--pages", "2048", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"] | {"tp": 2, "batch": 4, "steps": 2, "windows": 2, "rank": 8} == result["config"]
 
-    rows = result["rows"]
-    want = bench.scenarios(argparse.Namespace(batch=4))
-    assert [(r["scenario"], r["mode"], r["adapters"]) for r in rows] == want
-    assert {r["scenario"] for r in rows} >= {"no LoRA", "1 adapter (bd)", "4 adapters (bd)", "4 adapters slora",
-                                             "4 adapters replicated"}
-    rate = {r["scenario"]: r["tokens_per_s"] for r in rows}
-    assert all(math.isfinite(v) and v > 0 for v in rate.values())
+    want = [(s["scenario"], s["mode"], s["adapters"])
+            for s in bench.scenarios(argparse.Namespace(batch=4, rank=8, counts=[1, 2, 8]))]
+    assert [(r["scenario"], r["mode"], r["adapters"]) for r in result["rows"]] == want
+    rows = {r["scenario"]: r for r in result["rows"]}
+    assert set(rows) == {"no LoRA", "1 x r8 (bd)", "4 x r8 (bd)"} | {
+        f"{n} mixed ({m})" for n in (1, 2, 8) for m in ("bd", "slora", "replicated")}
+    assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 and 0 < r["flop_bound"] <= 1
+               for r in rows.values())
+    assert rows["2 mixed (slora)"]["ranks"] == [8, 16] and rows["8 mixed (bd)"]["ranks"] == [8, 16, 32, 64]
+    assert rows["no LoRA"]["flop_bound"] == 1
+    assert rows["2 mixed (bd)"]["flop_bound"] < rows["1 mixed (bd)"]["flop_bound"] < 1  # rank 16 rows cost more
 
-    # Every ratio is the quotient of the two measurements it names, and each adapter row has one.
-    expected = {f"{s} / no LoRA": v / rate["no LoRA"] for s, v in rate.items() if s != "no LoRA"}
-    expected["bd / slora (4 adapters)"] = rate["4 adapters (bd)"] / rate["4 adapters slora"]
-    expected["bd / replicated (4 adapters)"] = rate["4 adapters (bd)"] / rate["4 adapters replicated"]
-    assert result["ratios"] == pytest.approx(expected, rel=1e-12)
+    # Every ratio is the quotient of the measurements it names.
+    rate = {s: r["tokens_per_s"] for s, r in rows.items()}
+    for s, r in rows.items():
+        one = "no LoRA" if r["mode"] is None else ("1 x r8 (bd)" if " x r8" in s else f"1 mixed ({r['mode']})")
+        assert r["vs_no_lora"] == pytest.approx(rate[s] / rate["no LoRA"], rel=1e-12), s
+        assert r["vs_1_adapter"] == pytest.approx(rate[s] / rate[one], rel=1e-12), s
+        assert r["bound_vs_1_adapter"] == pytest.approx(r["flop_bound"] / rows[one]["flop_bound"], rel=1e-12), s
+    assert result["acceptance"] == pytest.approx({
+        "1 adapter / no LoRA (r8, bd)": rate["1 x r8 (bd)"] / rate["no LoRA"],
+        "4 adapters / 1 adapter (r8, bd)": rate["4 x r8 (bd)"] / rate["1 x r8 (bd)"]}, rel=1e-12)
 
-    # The printed table says what the JSON says: each scenario's rate, then each ratio, ratios last.
-    out = capsys.readouterr().out.strip().splitlines()
-    for s, v in rate.items():
-        assert f"{s:<28} {v:>12.1f}" in out, s
-    assert out[-len(expected):] == [f"{k:<34} {v:6.2f}x" for k, v in result["ratios"].items()]
-    assert out[-1].startswith("bd / replicated")
+    # The printed table says what the JSON says, the acceptance ratios last.
+    printed = capsys.readouterr().out.strip().splitlines()
+    for s, r in rows.items():
+        assert any(line.startswith(f"{s:<24} {r['tokens_per_s']:>9.1f} {r['vs_no_lora']:>9.2f}x") for line in printed), s
+    assert printed[-2:] == [f"{k:<40} {v:6.2f}x" for k, v in result["acceptance"].items()]

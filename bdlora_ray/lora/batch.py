@@ -79,7 +79,7 @@ class LoraBatch:
             groups[name] = GroupMeta(t.a_offset, t.rank_a, t.b_offset, t.rank_b, t.out_start, t.out_len,
                                      slora_rows, bool(any_slora[gi]), int(widths[gi]))
         segments = kernels.plan_segments(idx_dev, tables.capacity, slot_class=tables.class_host,
-                                         slot_pages=tables.pages_host)
+                                         slot_pages=tables.pages_host, workspace=tables.workspace)
         return cls(idx_dev, tables.page_table, tables.scale, pool, groups, segments)
 
     @classmethod

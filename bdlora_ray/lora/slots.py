@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+import kernels
+
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.lora.layout import AdapterLayout
 from bdlora_ray.lora.shard import AdapterMeta
@@ -108,6 +110,7 @@ class SlotTables:
         self.class_host = torch.zeros(0, dtype=torch.int64)
         self.pages_host = torch.zeros(0, dtype=torch.int64)
         self._classes: dict[tuple, int] = {}  # layout signature -> class id, never reused
+        self.workspace = kernels.Workspace()  # the torch kernels' page gathers, reused by every step
         self._grow(capacity, max_pages)
 
     # ---- writes: once per adapter load / eviction ------------------------------
