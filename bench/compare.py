@@ -23,8 +23,6 @@ import json
 import logging
 import math
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -38,6 +36,7 @@ import httpx
 from tqdm import tqdm
 
 from bdlora_ray.config import LlamaConfig
+from deploy.local_s3 import LocalS3, free_port
 from deploy.seed import TINY, DemoAdapter
 
 log = logging.getLogger(__name__)
@@ -84,43 +83,12 @@ class Served:
     s3_env: dict[str, str] = field(default_factory=dict, repr=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def local_s3(timeout_s: float = 60.0) -> Iterator[dict[str, str]]:
-    """A moto S3 server in a subprocess on 127.0.0.1 (its own GIL: it does not slow the client down);
-    yields the AWS variables that point clients at it, set in os.environ meanwhile."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the moto S3 server exited with {proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no S3 server on 127.0.0.1:{port} after {timeout_s:.0f}s") from None
-                time.sleep(0.1)  # another process's socket: nothing to await
-        # Fake credentials: moto takes any, and real ones must never reach a local test server.
-        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bdlora-bench",
-               "AWS_SECRET_ACCESS_KEY": "bdlora-bench", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
-        with mock.patch.dict(os.environ, env):
-            yield env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def local_s3() -> Iterator[dict[str, str]]:
+    """The local S3 server (deploy.local_s3) in a subprocess, its own GIL, so that it does not slow
+    the client down; yields the AWS variables that point clients at it, set in os.environ meanwhile."""
+    with LocalS3(in_process=False) as s3, mock.patch.dict(os.environ, s3.env):
+        yield s3.env
 
 
 def peft_dir(model_dir: Path, peft_root: Path, spec: DemoAdapter, tp: int) -> Path:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 from dataclasses import replace
 from pathlib import Path
 
 from deploy.config import AppConfig, without_credentials
+from deploy.local_s3 import LocalS3, LocalS3Error
 from deploy.seed import seed_adapters, write_checkpoint
 
 log = logging.getLogger("deploy.embedded")
@@ -25,35 +25,18 @@ log = logging.getLogger("deploy.embedded")
 APP_NAME = "bdlora"
 
 
-def start_local_s3(port: int) -> tuple[object, dict[str, str]]:
-    """A moto S3 server on 127.0.0.1:`port` and the AWS variables that point clients at it."""
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        raise SystemExit("the local S3 server needs moto: pip install 'moto[server]' "
-                         "(or set BDLORA_ADAPTERS_URI to a real bucket)") from None
-    # moto would wait forever for a server thread that died on a taken port: check it first.
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as e:
-            raise SystemExit(f"port {port} for the local S3 server is taken ({e}); set BDLORA_S3_PORT") from None
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    # Fake credentials: moto accepts any, and real ones must never reach a local test server.
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bdlora-local",
-           "AWS_SECRET_ACCESS_KEY": "bdlora-local", "AWS_DEFAULT_REGION": "us-east-1"}
-    return server, env
-
-
-def prepare(config: AppConfig) -> tuple[AppConfig, object | None]:
+def prepare(config: AppConfig) -> tuple[AppConfig, LocalS3 | None]:
     """Seed what is not configured; returns the config to serve and the local S3 server (or None)."""
     e, g = config.embedded, config.group
     if e.seed_model:
         write_checkpoint(Path(g.model_path))
     server = None
     if e.local_s3:
-        server, env = start_local_s3(e.s3_port)
+        try:
+            server = LocalS3(e.s3_port).start()
+        except LocalS3Error as err:
+            raise SystemExit(f"{err}; set BDLORA_S3_PORT, or BDLORA_ADAPTERS_URI to a real bucket") from None
+        env = server.env
         os.environ.update(env)  # for the seeding below, and inherited by the local Ray cluster started later
         names = seed_adapters(Path(g.model_path), Path(e.state_dir, "peft"), g.adapters_uri, g.tp)
         log.info("local S3 at %s holds %s under %s", env["AWS_ENDPOINT_URL"], ", ".join(names), g.adapters_uri)

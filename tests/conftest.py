@@ -26,7 +26,7 @@ def ray_session():
     """One local Ray cluster for the whole test session, temp files under RAY_TMPDIR."""
     import ray
 
-    from s3_server import patched_env
+    from env_vars import patched_env
 
     tmp = os.environ["RAY_TMPDIR"]
     os.makedirs(tmp, exist_ok=True)
@@ -44,13 +44,11 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A moto S3 server on 127.0.0.1 and AWS env vars pointing at it (restored afterwards)."""
-    from s3_server import MotoS3, patched_env
+    """A local S3 server (moto, in this process) and AWS env vars pointing at it (restored afterwards)."""
+    from env_vars import patched_env
 
-    server = MotoS3()
-    # Profiles and config files could point elsewhere; the env vars alone must decide.
-    drop = ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL_S3")
-    with patched_env({**server.env, "AWS_CONFIG_FILE": "/dev/null",
-                      "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}, drop=drop):
+    from deploy.local_s3 import LocalS3
+
+    # Profiles could point elsewhere; the env vars alone must decide.
+    with LocalS3() as server, patched_env(server.env, drop=("AWS_PROFILE", "AWS_ENDPOINT_URL_S3")):
         yield server
-    server.stop()

@@ -22,7 +22,7 @@ from bdlora_ray.store import AdapterBucket, AdapterStore, S3Config, StoreConfig
 from bdlora_ray.store.manifest import MANIFEST, ShardFile, build_adapter_files
 from bdlora_ray.synthetic import random_adapter, write_peft_adapter
 from s3_proxy import S3Proxy
-from s3_server import patched_env
+from env_vars import patched_env
 from serving_fixtures import wait_until
 
 CFG = LlamaConfig.from_name("tiny")

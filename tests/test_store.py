@@ -316,7 +316,7 @@ def test_missing_adapter_is_not_found(bucket):
 
 
 def test_unreachable_store_is_unavailable(s3_server):
-    from s3_server import patched_env
+    from env_vars import patched_env
 
     with socket.socket() as sock:  # a port nobody listens on: connection refused
         sock.bind(("127.0.0.1", 0))
