@@ -150,9 +150,7 @@ def bucket(s3_server) -> AdapterBucket:
 
 @pytest.fixture()
 def store(bucket):
-    s = AdapterStore(StoreConfig(URI, CFG, TP))
-    yield s
-    s.close()
+    return AdapterStore(StoreConfig(URI, CFG, TP))
 
 
 def good_manifest(seed: int = 1) -> dict[str, Any]:
