@@ -1,8 +1,9 @@
 """Deployment configuration: the ONE place that reads environment variables.
 
 Every field has a default, and the defaults are the embedded set-up
-(`make run`): the tiny Llama seeded under `.bdlora/`, adapters in a local
-S3 bucket, TP=2 on CPU, one replica group. A real cluster sets a few
+(`make run`): SmolLM2-135M-Instruct converted under `.bdlora/` with its
+demo adapters in a local S3 bucket, TP=3 on CPU, one replica group
+(BDLORA_DEMO_MODEL=tiny: the tiny random Llama at TP=2 instead). A real cluster sets a few
 variables (see README.md and deploy/serve_config.yaml):
 
     BDLORA_MODEL_PATH       local dir with config.json, safetensors, tokenizer
@@ -16,7 +17,7 @@ variables (see README.md and deploy/serve_config.yaml):
     BDLORA_S3_MAX_ATTEMPTS, BDLORA_S3_CONNECT_TIMEOUT_S, BDLORA_S3_READ_TIMEOUT_S   how long a cold adapter
                             may wait for an unreachable or throttling S3 before its request gets 503
     BDLORA_ENGINE_<FIELD>   any EngineConfig field, e.g. BDLORA_ENGINE_MAX_NUM_SEQS=64
-    BDLORA_HOST, BDLORA_PORT, BDLORA_S3_PORT, BDLORA_STATE_DIR   embedded server only
+    BDLORA_HOST, BDLORA_PORT, BDLORA_S3_PORT, BDLORA_STATE_DIR, BDLORA_DEMO_MODEL   embedded server only
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from bdlora_ray.placement import worker_bundles
 ENV_PREFIX = "BDLORA_"
 ENGINE_PREFIX = "BDLORA_ENGINE_"
 DEFAULT_STATE_DIR = ".bdlora"                 # embedded checkpoint + demo adapters, under the project
-DEFAULT_MODEL_DIR = "tiny-llama"              # its name is the served base model name
+# The embedded base models: checkpoint dir under the state dir (its name is the served name), TP degree.
+DEMO_MODELS = {"smollm2": ("SmolLM2-135M-Instruct", 3), "tiny": ("tiny-llama", 2)}
+DEFAULT_DEMO_MODEL = "smollm2"
 DEFAULT_ADAPTERS_URI = "s3://bdlora-adapters/adapters"
 
 
@@ -152,7 +155,12 @@ class EmbeddedConfig:
     state_dir: str = DEFAULT_STATE_DIR           # checkpoint and PEFT demo adapters
     ray_temp_dir: str = "/tmp/bdlora-ray"
     local_s3: bool = True                        # no BDLORA_ADAPTERS_URI: run a local S3 and push demo adapters
-    seed_model: bool = True                      # no BDLORA_MODEL_PATH: write the tiny random checkpoint
+    seed_model: bool = True                      # no BDLORA_MODEL_PATH: write `demo_model`'s checkpoint
+    demo_model: str = DEFAULT_DEMO_MODEL         # a key of DEMO_MODELS
+
+    def __post_init__(self) -> None:
+        if self.demo_model not in DEMO_MODELS:
+            raise ValueError(f"BDLORA_DEMO_MODEL={self.demo_model!r}: one of {sorted(DEMO_MODELS)}")
 
 
 @dataclass(frozen=True)
@@ -174,11 +182,13 @@ class AppConfig:
                                   s3_port=r.int("S3_PORT", 8001),
                                   state_dir=r.str("STATE_DIR", DEFAULT_STATE_DIR),
                                   local_s3=r.str("ADAPTERS_URI", "") == "",
-                                  seed_model=r.str("MODEL_PATH", "") == "")
-        default_model = str(Path(embedded.state_dir, DEFAULT_MODEL_DIR).resolve())
+                                  seed_model=r.str("MODEL_PATH", "") == "",
+                                  demo_model=r.str("DEMO_MODEL", DEFAULT_DEMO_MODEL))
+        model_dir, demo_tp = DEMO_MODELS[embedded.demo_model]
+        default_model = str(Path(embedded.state_dir, model_dir).resolve())
         group = GroupSpec(
             model_path=r.str("MODEL_PATH", default_model), adapters_uri=r.str("ADAPTERS_URI", DEFAULT_ADAPTERS_URI),
-            tp=r.int("TP", 2), model_name=r.str("MODEL_NAME", ""), use_gpu=r.bool("USE_GPU", False),
+            tp=r.int("TP", demo_tp), model_name=r.str("MODEL_NAME", ""), use_gpu=r.bool("USE_GPU", False),
             replica_cpus=r.float("REPLICA_CPUS", 0.1), worker_cpus=r.float("WORKER_CPUS", 0.25),
             max_ongoing_requests=r.int("MAX_ONGOING_REQUESTS", 256),
             max_adapters_per_group=r.int("MAX_ADAPTERS_PER_GROUP", 4096),

@@ -1,9 +1,11 @@
 """`make run` (`python -m deploy.embedded`): the whole system on this machine.
 
-With nothing configured: a local S3 server (moto) on 127.0.0.1:8001 holding
-demo adapters pushed with `bdlora push`, a tiny random Llama under
-`.bdlora/`, one replica group at TP=2 on CPU, and the OpenAI API on
-http://127.0.0.1:8000, built exactly as `serve run deploy:app` builds it.
+With nothing configured: SmolLM2-135M-Instruct converted once under
+`.bdlora/`, a local S3 server (moto) on 127.0.0.1:8001 holding its demo
+adapters (deploy/demo_adapters/) pushed with `bdlora push`, one replica group
+at TP=3 on CPU, and the OpenAI API on http://127.0.0.1:8000, built exactly as
+`serve run deploy:app` builds it. BDLORA_DEMO_MODEL=tiny serves the tiny
+random Llama with random adapters at TP=2 instead.
 BDLORA_MODEL_PATH / BDLORA_ADAPTERS_URI (deploy/config.py) replace the seeded
 model / local S3 with real ones. Blocks until Ctrl-C.
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from deploy.config import AppConfig, without_credentials
 from deploy.local_s3 import LocalS3, LocalS3Error
-from deploy.seed import seed_adapters, write_checkpoint
+from deploy.seed import seed_adapters, seed_trained_adapters, smollm2_checkpoint, write_checkpoint
 
 log = logging.getLogger("deploy.embedded")
 
@@ -28,8 +30,11 @@ APP_NAME = "bdlora"
 def prepare(config: AppConfig) -> tuple[AppConfig, LocalS3 | None]:
     """Seed what is not configured; returns the config to serve and the local S3 server (or None)."""
     e, g = config.embedded, config.group
-    if e.seed_model:
+    tiny = e.demo_model == "tiny"
+    if e.seed_model and tiny:
         write_checkpoint(Path(g.model_path))
+    elif e.seed_model:
+        smollm2_checkpoint(Path(g.model_path).parent)  # model_path is <state dir>/SmolLM2-135M-Instruct
     server = None
     if e.local_s3:
         try:
@@ -38,7 +43,10 @@ def prepare(config: AppConfig) -> tuple[AppConfig, LocalS3 | None]:
             raise SystemExit(f"{err}; set BDLORA_S3_PORT, or BDLORA_ADAPTERS_URI to a real bucket") from None
         env = server.env
         os.environ.update(env)  # for the seeding below, and inherited by the local Ray cluster started later
-        names = seed_adapters(Path(g.model_path), Path(e.state_dir, "peft"), g.adapters_uri, g.tp)
+        if tiny:
+            names = seed_adapters(Path(g.model_path), Path(e.state_dir, "peft"), g.adapters_uri, g.tp)
+        else:
+            names = seed_trained_adapters(Path(g.model_path), g.adapters_uri, g.tp)
         log.info("local S3 at %s holds %s under %s", env["AWS_ENDPOINT_URL"], ", ".join(names), g.adapters_uri)
         # The groups' stores need the endpoint; the fake credentials they inherit from this process.
         config = replace(config, group=replace(g, env_vars=without_credentials(env)))

@@ -103,9 +103,9 @@ class GroupServer:
         tok, limit = self.group.tokenizer, self.group.max_model_len
         if inp.messages is not None:
             chat = [{"role": r, "content": c} for r, c in inp.messages]
-            # Render then encode without specials: the template already has any BOS it wants.
-            ids = tok.encode(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
-                             add_special_tokens=False)
+            # The ids exactly as the checkpoint's template tokenizes them (no extra BOS: the template has
+            # any it wants), as HF `generate` users build their prompts.
+            ids = list(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False))
         elif inp.text is not None:
             ids = tok.encode(inp.text)
         else:

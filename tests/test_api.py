@@ -497,12 +497,14 @@ def test_config_from_env():
                                               "target_ongoing_requests": 32.0}
     d = AppConfig.from_env({})
     assert (d.group.tp, d.group.use_gpu, d.api.admin_token, d.embedded.local_s3, d.embedded.seed_model) == (
-        2, False, "", True, True)
-    assert d.api.model_name == "tiny-llama" and Path(d.group.model_path).is_absolute()
-    assert [b.get("GPU", 0) for b in d.group.bundles()] == [0, 0, 0]
+        3, False, "", True, True)
+    assert d.api.model_name == "SmolLM2-135M-Instruct" and Path(d.group.model_path).is_absolute()
+    assert [b.get("GPU", 0) for b in d.group.bundles()] == [0, 0, 0, 0]
+    tiny = AppConfig.from_env({"BDLORA_DEMO_MODEL": "tiny"})
+    assert (tiny.group.tp, tiny.api.model_name) == (2, "tiny-llama")
     s = AppConfig.from_env({"BDLORA_MIN_GROUPS": "2", "BDLORA_MAX_GROUPS": "5"}).scaling
     assert (s.min_groups, s.max_groups) == (2, 5)
-    for bad in ({"BDLORA_TP": "two"}, {"BDLORA_USE_GPU": "maybe"}, {"BDLORA_MIN_GROUPS": "3", "BDLORA_MAX_GROUPS": "2"}):
+    for bad in ({"BDLORA_TP": "two"}, {"BDLORA_USE_GPU": "maybe"}, {"BDLORA_DEMO_MODEL": "gpt-9"}, {"BDLORA_MIN_GROUPS": "3", "BDLORA_MAX_GROUPS": "2"}):
         with pytest.raises(ValueError, match="BDLORA_|groups"):
             AppConfig.from_env(bad)
     with pytest.raises(ValueError, match="unknown engine settings"):

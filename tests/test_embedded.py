@@ -74,7 +74,8 @@ def test_seeding_keeps_an_existing_checkpoint(seeded, tmp_path):
 def test_defaults_are_the_embedded_setup():
     c = AppConfig.from_env({})
     assert c.embedded.local_s3 and c.embedded.seed_model
-    assert (c.group.tp, c.group.use_gpu, c.embedded.host, c.embedded.port) == (2, False, "127.0.0.1", 8000)
+    assert (c.group.tp, c.group.use_gpu, c.embedded.host, c.embedded.port) == (3, False, "127.0.0.1", 8000)
+    assert (c.embedded.demo_model, c.api.model_name) == ("smollm2", "SmolLM2-135M-Instruct")
     assert c.embedded.ray_temp_dir.startswith("/tmp/")
     configured = AppConfig.from_env({"BDLORA_ADAPTERS_URI": "s3://b/p", "BDLORA_MODEL_PATH": "/m"})
     assert not configured.embedded.local_s3 and not configured.embedded.seed_model
