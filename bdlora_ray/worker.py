@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import OrderedDict
 from typing import Any, Protocol
 
@@ -91,6 +92,8 @@ class TPWorker:
         # Fetched, not yet in the pool, oldest first; at most max_host_bytes of them (see fetch_adapter).
         self.host: OrderedDict[str, tuple[AdapterMeta, dict[str, Tensor]]] = OrderedDict()
         self.max_host_bytes = max_host_bytes
+        # fetch_adapter runs on the engine's fetch threads, several at once, beside the loop's loads.
+        self._host_lock = threading.Lock()
         self.steps = 0
 
     # ---- adapters ----------------------------------------------------------
@@ -98,25 +101,33 @@ class TPWorker:
     def fetch_adapter(self, name: str) -> int:
         """Bring this rank's shard of `name` into host memory; returns its bytes."""
         meta, tensors = self.source.get_shard(name, self.rank)
-        self.host.pop(name, None)
-        self.host[name] = (meta, tensors)
-        # A shard whose requests went away (aborted, expired) never gets its load op: without a bound
-        # such shards would pile up. The oldest go first; a load op that still comes fetches again.
-        while len(self.host) > 1 and sum(_nbytes(t) for _, t in self.host.values()) > self.max_host_bytes:
-            dropped, _ = self.host.popitem(last=False)
-            log.info("rank %d: dropped fetched adapter %s, never loaded (host budget %d bytes)",
-                     self.rank, dropped, self.max_host_bytes)
+        with self._host_lock:
+            self.host.pop(name, None)
+            self.host[name] = (meta, tensors)
+            # A shard whose requests went away (aborted, expired) never gets its load op: without a bound
+            # such shards would pile up. The oldest go first; a load op that still comes fetches again.
+            while len(self.host) > 1 and sum(_nbytes(t) for _, t in self.host.values()) > self.max_host_bytes:
+                dropped, _ = self.host.popitem(last=False)
+                log.info("rank %d: dropped fetched adapter %s, never loaded (host budget %d bytes)",
+                         self.rank, dropped, self.max_host_bytes)
         return _nbytes(tensors)
 
     def apply(self, op: str, args: tuple | list) -> Any:
         """One pool operation, as rank 0 recorded it."""
         if op == "load_adapter":
             (name,) = args
-            if name not in self.host:  # not prefetched: fetch now (plain-process runs)
+            with self._host_lock:
+                entry = self.host.get(name)
+            if entry is None:  # not prefetched (plain-process runs), or dropped by the budget: fetch now
                 self.fetch_adapter(name)
-            meta, tensors = self.host[name]
+                with self._host_lock:
+                    entry = self.host.get(name)
+                if entry is None:  # dropped again at once by other fetches' budget: use a private copy
+                    entry = self.source.get_shard(name, self.rank)
+            meta, tensors = entry
             slot = self.pool.load_adapter(name, tensors, meta)
-            del self.host[name]  # the pool holds it now
+            with self._host_lock:
+                self.host.pop(name, None)  # the pool holds it now
             return slot
         return getattr(self.pool, op)(*args)
 
