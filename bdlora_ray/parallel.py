@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import kernels
+from bdlora_ray import kernels
 from bdlora_ray.comm import Comm
 from bdlora_ray.lora.batch import GroupMeta, LoraBatch
 

@@ -356,7 +356,7 @@ def kernel_sweep(plan: Plan, work: Path, deadline: float) -> dict:
 
 def _kernel_case(p, W, d_in: int, out_lens: tuple[int, ...], T: int, n_adapters: int, dtype: torch.dtype,
                  plan: Plan, gen: torch.Generator) -> dict:
-    import kernels
+    from bdlora_ray import kernels
 
     dev = plan.device
     S, n = p.rank.shape

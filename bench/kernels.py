@@ -124,8 +124,8 @@ def bench_time_us(fn, device: str) -> float:
 
 def run_case(p: Problem, d_in: int, out_lens: tuple[int, ...], T: int, n_adapters: int, dtype: torch.dtype,
              device: str, gen: torch.Generator, ref: bool) -> dict:
-    from kernels import lora_expand, lora_shrink
-    from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
+    from bdlora_ray.kernels import lora_expand, lora_shrink
+    from bdlora_ray.kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 
     S, n = p.rank.shape
     slots = torch.randperm(S, generator=gen)[:n_adapters]

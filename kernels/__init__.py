@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
-from kernels.lora_torch import StepCache, Workspace, lora_expand_torch, lora_shrink_torch
+from .lora_ref import lora_expand_ref, lora_shrink_ref
+from .lora_torch import StepCache, Workspace, lora_expand_torch, lora_shrink_torch
 
 if TYPE_CHECKING:
-    from kernels.lora_shrink_op import Segments
+    from .lora_shrink_op import Segments
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 ENV_VAR = "BDLORA_KERNEL_BACKEND"
@@ -65,7 +65,7 @@ def resolve_backend(backend: str | None, t: Tensor) -> str:
 def lora_segments(idx: Tensor, block_m: int = 16, num_slots: int | None = None) -> Segments:
     """Rows of a batch grouped by slot for the Triton kernels' prefill launch;
     compute once per batch, pass as `segments=` to every shrink/expand of it."""
-    return importlib.import_module("kernels.lora_shrink_op").lora_segments(idx, block_m, num_slots)
+    return importlib.import_module(".lora_shrink_op", __name__).lora_segments(idx, block_m, num_slots)
 
 
 def plan_segments(idx: Tensor, num_slots: int, backend: str | None = None, *,
@@ -82,7 +82,7 @@ def plan_segments(idx: Tensor, num_slots: int, backend: str | None = None, *,
         return StepCache(slot_class, slot_pages, workspace)
     if name != "triton":
         return None
-    op = importlib.import_module("kernels.lora_shrink_op")
+    op = importlib.import_module(".lora_shrink_op", __name__)
     block_m = op.sorted_block_m(idx.numel(), None)
     return None if block_m is None else op.lora_segments(idx, block_m, num_slots)
 
@@ -106,7 +106,7 @@ def lora_shrink(
         return lora_shrink_ref(x, pool, page_table, idx, a_offset, rank, max_rank)
     if name == "torch":
         return lora_shrink_torch(x, pool, page_table, idx, a_offset, rank, max_rank, _cache(segments))
-    impl = importlib.import_module("kernels.lora_shrink_op").lora_shrink
+    impl = importlib.import_module(".lora_shrink_op", __name__).lora_shrink
     return impl(x, pool, page_table, idx, a_offset, rank, max_rank, segments=_segments(segments))
 
 
@@ -123,7 +123,7 @@ def lora_expand(
     if name == "torch":
         return lora_expand_torch(h, pool, page_table, idx, b_offset, rank, out_start, out_len, scale, y,
                                  _cache(segments))
-    impl = importlib.import_module("kernels.lora_expand_op").lora_expand
+    impl = importlib.import_module(".lora_expand_op", __name__).lora_expand
     return impl(h, pool, page_table, idx, b_offset, rank, out_start, out_len, scale, y, segments=_segments(segments))
 
 

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.lora_shrink_op import (Segments, TileConfig, check_lora_args, is_interpreted, launch_rows, load_paged,
-                                 mma, mma_kind, program_rows, resolve_segments, sorted_block_m)
+from .lora_shrink_op import (Segments, TileConfig, check_lora_args, is_interpreted, launch_rows, load_paged, mma,
+                             mma_kind, program_rows, resolve_segments, sorted_block_m)
 
 
 @triton.jit

@@ -83,3 +83,13 @@ def test_serve_config_is_valid_and_runs_tp8_groups_that_fill_a_gpu_node(cluster,
     assert sum(b.get("CPU", 0) for b in bundles) <= node["CPU"]
     # Serve may run as many groups as there are GPU nodes to hold them.
     assert config.scaling.max_groups <= _gpu_type(cluster)["max_workers"]
+
+
+def test_the_app_is_importable_from_the_synced_checkout(cluster, serve_config):
+    """deploy/ is not installed (it would shadow a published `deploy`): the application's processes
+    find `deploy:app` in the checkout cluster.yaml syncs to every node, through PYTHONPATH."""
+    (app,) = serve_config["applications"]
+    assert app["import_path"] == "deploy:app"
+    (checkout,) = [target for target, source in cluster["file_mounts"].items() if source == "."]
+    assert app["runtime_env"]["env_vars"]["PYTHONPATH"] == checkout
+    assert (ROOT / "deploy" / "__init__.py").is_file()

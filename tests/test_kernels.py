@@ -21,9 +21,9 @@ import pytest
 import torch
 from torch import Tensor
 
-import kernels
-from kernels.lora_ref import lora_expand_ref, lora_shrink_ref, read_paged
-from kernels.lora_torch import lora_expand_torch, lora_shrink_torch
+from bdlora_ray import kernels
+from bdlora_ray.kernels.lora_ref import lora_expand_ref, lora_shrink_ref, read_paged
+from bdlora_ray.kernels.lora_torch import lora_expand_torch, lora_shrink_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -134,7 +134,7 @@ def tol(dtype: torch.dtype) -> dict:
 def tile_config(name: str, device: str):
     """Launch shapes to cover: the default, one program per row (split or not), sorted tiles.
     Under the interpreter blocks are small so that every mask matters; tl.dot on GPUs needs >= 16."""
-    from kernels.lora_shrink_op import TileConfig
+    from bdlora_ray.kernels.lora_shrink_op import TileConfig
 
     small = device == "cpu"
     return {
@@ -206,7 +206,7 @@ def test_vectorised_torch_matches_dense_math_at_2049():
 @pytest.mark.parametrize("batch", list(BATCHES))
 @pytest.mark.parametrize("config", ["default", "rows", "rows_split_k", "sorted"])
 def test_shrink_matches_reference(device, dtype, batch, config):
-    from kernels.lora_shrink_op import lora_shrink
+    from bdlora_ray.kernels.lora_shrink_op import lora_shrink
 
     c = make_case(BATCHES[batch], dtype=dtype, device=device, seed=1)
     h = lora_shrink(c.x, *c.paged(), c.a_offset, c.rank, MAX_RANK, config=tile_config(config, device))
@@ -227,7 +227,7 @@ def test_shrink_matches_reference(device, dtype, batch, config):
 @pytest.mark.parametrize("batch", list(BATCHES))
 @pytest.mark.parametrize("config", ["default", "rows", "sorted"])
 def test_expand_matches_reference(device, dtype, batch, config):
-    from kernels.lora_expand_op import lora_expand
+    from bdlora_ray.kernels.lora_expand_op import lora_expand
 
     c = make_case(BATCHES[batch], dtype=dtype, device=device, seed=2)
     g = torch.Generator().manual_seed(3)
@@ -258,7 +258,7 @@ def test_dispatch_with_shared_segments_matches_dense(device):
 
 
 def test_segments_tile_every_row_once_by_slot():
-    from kernels.lora_shrink_op import lora_segments
+    from bdlora_ray.kernels.lora_shrink_op import lora_segments
 
     idx = torch.tensor([2, 0, 2, -1, 4, 0, 2, 1, -1, 0, 2, 4, 2, 2], dtype=torch.int32)
     seg = lora_segments(idx, block_m=2, num_slots=5)
@@ -304,8 +304,8 @@ def test_backend_selection(monkeypatch):
 @pytest.mark.skipif(not INTERPRETED, reason="forcing triton on CPU tensors needs TRITON_INTERPRET=1")
 def test_forced_triton_equals_torch_backend(monkeypatch):
     """backend="triton" runs the Triton kernels (and only it does), and both backends equal the reference."""
-    import kernels.lora_expand_op as expand_op
-    import kernels.lora_shrink_op as shrink_op
+    import bdlora_ray.kernels.lora_expand_op as expand_op
+    import bdlora_ray.kernels.lora_shrink_op as shrink_op
 
     triton_calls: list[str] = []
     for module, name in ((shrink_op, "lora_shrink"), (expand_op, "lora_expand")):
@@ -330,14 +330,14 @@ def test_forced_triton_equals_torch_backend(monkeypatch):
 
 def test_import_is_lazy():
     """Importing `kernels` imports neither Triton nor the Triton kernel modules."""
-    code = ("import sys, kernels; bad = [m for m in sys.modules if m == 'triton' or m.endswith('_op')"
-            " and m.startswith('kernels.')]; assert not bad, bad")
+    code = ("import sys; from bdlora_ray import kernels; bad = [m for m in sys.modules if m == 'triton' or"
+            " m.endswith('_op') and m.startswith('bdlora_ray.kernels.')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_bad_arguments_raise():
-    from kernels.lora_expand_op import lora_expand
-    from kernels.lora_shrink_op import TileConfig, lora_shrink
+    from bdlora_ray.kernels.lora_expand_op import lora_expand
+    from bdlora_ray.kernels.lora_shrink_op import TileConfig, lora_shrink
 
     c = make_case(BATCHES["decode"], seed=7)
     with pytest.raises(TypeError, match="dtype"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import subprocess
 import sys
@@ -67,8 +68,6 @@ def test_store_package_imports_without_ray():
 
 def test_bdlora_push_does_not_load_ray(tmp_path, s3_server):
     """`bdlora push` end to end (convert, shard, upload to a real S3 API) in a fresh interpreter: no Ray."""
-    import os
-
     from bdlora_ray.config import LlamaConfig
     from bdlora_ray.store.s3 import AdapterBucket
     from bdlora_ray.synthetic import random_adapter, write_peft_adapter
@@ -132,3 +131,50 @@ def test_docs_and_docstrings_name_only_files_that_exist():
         if gone:
             missing[str(path.relative_to(ROOT))] = gone
     assert not missing, missing
+
+
+def test_nothing_imports_kernels_by_a_top_level_name():
+    """kernels/ is installed as `bdlora_ray.kernels`; a top-level `kernels` is Hugging Face's package."""
+    offenders = {}
+    for folder in ("bdlora_ray", "kernels", "deploy", "bench", "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            bad = {m for m in imported_modules(path.read_text()) if m.split(".")[0] == "kernels"}
+            if bad:
+                offenders[str(path.relative_to(ROOT))] = sorted(bad)
+    assert not offenders, offenders
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_one_top_level_name(tmp_path):
+    """Build the wheel from this checkout's packaging: its only import name is bdlora_ray (kernels
+    inside it), every package folder of the engine is in it, and it imports from outside the checkout."""
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        (src / name).write_bytes((ROOT / name).read_bytes())
+    for folder in ("bdlora_ray", "kernels", "deploy"):
+        for path in (ROOT / folder).rglob("*.py"):
+            dest = src / path.relative_to(ROOT)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(path.read_bytes())
+    out = tmp_path / "wheel"
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
+                        str(src)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (wheel,) = out.glob("bdlora_ray-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"bdlora_ray"}
+    packages = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "bdlora_ray").rglob("__init__.py")}
+    kernel_files = {f"bdlora_ray/kernels/{f.name}" for f in (ROOT / "kernels").glob("*.py")}
+    assert {f"{p}/__init__.py" for p in packages} | kernel_files <= set(names)
+    # Installed apart from the checkout, the engine finds its kernels inside itself.
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = ("import bdlora_ray.kernels as k, bdlora_ray.parallel; import sys; "
+             "assert k.__file__.startswith(sys.argv[1]), k.__file__; "
+             "assert 'kernels' not in sys.modules and 'deploy' not in sys.modules")
+    p = subprocess.run([sys.executable, "-c", probe, str(site)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(site)})
+    assert p.returncode == 0, p.stderr[-3000:]

@@ -239,7 +239,7 @@ def test_model_through_triton_kernels_equals_torch_path(world, monkeypatch):
     monkeypatch.setenv("BDLORA_KERNEL_BACKEND", "torch")
     torch_out, _ = run(job, Comm())
     monkeypatch.setenv("BDLORA_KERNEL_BACKEND", "triton")
-    import kernels
+    from bdlora_ray import kernels
     planned = []
     plan = kernels.plan_segments
     monkeypatch.setattr(kernels, "plan_segments", lambda *a, **k: planned.append(plan(*a, **k)) or planned[-1])

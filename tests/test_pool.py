@@ -13,7 +13,7 @@ from bdlora_ray.errors import PoolExhausted
 from bdlora_ray.lora.layout import TARGETS, AdapterLayout, tensor_name
 from bdlora_ray.lora.shard import AdapterMeta, expected_shard_shapes
 from bdlora_ray.memory import PagePool, PoolConfig
-from kernels.lora_ref import lora_expand_ref, lora_shrink_ref, read_paged
+from bdlora_ray.kernels.lora_ref import lora_expand_ref, lora_shrink_ref, read_paged
 
 # Tiny on purpose: 200 adapters must cycle through in seconds. KV page = 2*8*1*16 = 256 elems.
 CFG = LlamaConfig(name="pool-test", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,

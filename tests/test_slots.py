@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+from bdlora_ray import kernels
 from bdlora_ray.comm import Comm
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.lora.batch import LoraBatch
@@ -21,8 +21,8 @@ from bdlora_ray.lora.slots import GROUPS, SlotTables, slot_rows
 from bdlora_ray.memory import PagePool, PoolConfig
 from bdlora_ray.synthetic import random_adapter, write_peft_adapter, write_random_checkpoint
 from bdlora_ray.worker import LocalShardSource, StepChannel, TPWorker
-from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
-from kernels.lora_torch import lora_expand_torch, lora_shrink_torch, strategy
+from bdlora_ray.kernels.lora_ref import lora_expand_ref, lora_shrink_ref
+from bdlora_ray.kernels.lora_torch import lora_expand_torch, lora_shrink_torch, strategy
 from test_pool import BLOCK, CFG, TP, make_shard
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import kernels
+from bdlora_ray import kernels
 
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.lora.layout import AdapterLayout

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-import kernels
-
+from bdlora_ray import kernels
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.lora.layout import AdapterLayout
 from bdlora_ray.lora.shard import AdapterMeta
