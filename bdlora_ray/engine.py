@@ -1,10 +1,13 @@
 """The engine loop of a replica group, on TP rank 0: continuous batching of
 requests for many adapters over one unified page pool.
 
-Thread model: `submit`, `abort`, `load_adapter` may be called from any thread;
-they queue work for the loop thread, which alone touches the scheduler, the
-pool and the step channel. Outputs go to each request's `sink` callback from
-the loop thread.
+Thread model: `submit`, `abort`, `prefetch`, `unload` may be called from any
+thread; they queue work for the loop thread, which alone touches the scheduler,
+the pool and the step channel. Other threads read only `snapshot()`, which the
+loop publishes (a plain dict, replaced whole, never mutated after). A step's
+outputs go out together, once per step, through `deliver` (default: each
+request's `sink` callback, called on the loop thread); a serving layer on
+another thread hands the whole batch over in one wake-up.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from bdlora_ray.detokenizer import IncrementalDetokenizer
 from bdlora_ray.errors import AdapterInUse, BdloraError, InvalidRequest, Overloaded, PoolExhausted, ReplicaGroupFailed
 from bdlora_ray.request import GenerationRequest, RequestOutput
 from bdlora_ray.sampling import SamplingError, make_generator, sample
@@ -27,7 +31,15 @@ from bdlora_ray.worker import TPWorker
 
 log = logging.getLogger(__name__)
 
+SNAPSHOT_EVERY_S = 0.05  # while busy; every turn that finishes a request or goes idle publishes too
+
 Sink = Callable[[RequestOutput], None]
+Deliver = Callable[[list[tuple[Sink, RequestOutput]]], None]
+
+
+def deliver_inline(batch: list[tuple[Sink, RequestOutput]]) -> None:
+    for sink, out in batch:
+        sink(out)
 
 
 @dataclass(frozen=True)
@@ -46,8 +58,10 @@ class EngineConfig:
 
 class Engine:
     def __init__(self, worker: TPWorker, tokenizer: Any, config: EngineConfig,
-                 fetch: Callable[[str], Future] | None = None) -> None:
+                 fetch: Callable[[str], Future] | None = None, deliver: Deliver = deliver_inline) -> None:
         self.worker, self.tokenizer, self.config = worker, tokenizer, config
+        self._deliver = deliver
+        self._outbox: list[tuple[Sink, RequestOutput]] = []   # this step's outputs, sent at its end
         self.pool = worker.pool
         self.log = PoolLog(self.pool, worker.apply)
         self.scheduler = Scheduler(self.log, config.max_num_seqs, config.max_num_batched_tokens, self._ready)
@@ -71,6 +85,9 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._last_send = time.monotonic()
+        self._snapshot: dict = {}
+        self._published = 0.0
+        self.publish()
 
     # ---- API (any thread) -------------------------------------------------------
 
@@ -94,6 +111,8 @@ class Engine:
             raise Overloaded(f"queue full ({self.config.max_queue_len} waiting)")
         self._inbox.put(("submit", req, sink))
         self._wake.set()
+        if self.dead is not None:  # died meanwhile: the loop will not drain the inbox again
+            self._drain_refused(ReplicaGroupFailed(f"replica group failed: {self.dead!r}"))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -114,10 +133,30 @@ class Engine:
         return fut
 
     def stats(self) -> dict:
-        u = self.pool.usage().to_dict()
-        return {"pool": u, "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
-                "steps": self.steps, "resident_adapters": self.pool.adapters_lru(),
-                "counters": dict(self.counters), "requests_per_adapter": dict(self.per_adapter)}
+        """The loop's latest published snapshot (safe from any thread)."""
+        return self._snapshot
+
+    # ---- snapshot (loop thread) -----------------------------------------------------
+
+    def publish(self) -> None:
+        """Replace the snapshot other threads read (they never see the live dicts)."""
+        self._snapshot = {
+            "pool": self.pool.usage().to_dict(), "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running), "steps": self.steps,
+            "resident_adapters": self.pool.adapters_lru(), "counters": dict(self.counters),
+            "requests_per_adapter": dict(self.per_adapter), "channel_messages": self.worker.channel.sent,
+            "worker_steps": self.worker.steps, "dead": repr(self.dead) if self.dead is not None else None}
+        self._published = time.monotonic()
+
+    def _flush(self, force_publish: bool = False) -> None:
+        """End of a loop turn: publish the snapshot if due, then send the turn's outputs as one batch.
+        Publishing first means a caller that got its last output sees a snapshot that counts it."""
+        batch, self._outbox = self._outbox, []
+        if force_publish or any(out.finished for _, out in batch) or \
+                time.monotonic() - self._published > SNAPSHOT_EVERY_S:
+            self.publish()
+        if batch:
+            self._deliver(batch)
 
     # ---- loop ---------------------------------------------------------------------
 
@@ -147,6 +186,8 @@ class Engine:
             failed = ReplicaGroupFailed(f"replica group failed: {e!r}")
             for rid in list(self._seqs):
                 self._fail(self._seqs[rid], failed)
+            self._drain_refused(failed)
+            self._flush(force_publish=True)
         finally:
             try:
                 self.worker.channel.send({"stop": True})
@@ -159,7 +200,16 @@ class Engine:
         self._wake.clear()
 
     def step(self) -> bool:
-        """Drain the inbox, run at most one forward pass; True if anything happened."""
+        """Drain the inbox, run at most one forward pass, send the outputs; True if anything happened."""
+        try:
+            busy = self._step()
+        finally:
+            self._flush(force_publish=False)
+        if not busy:
+            self.publish()  # idle: what other threads read is exact
+        return busy
+
+    def _step(self) -> bool:
         busy = self._drain()
         busy |= self._poll_fetches()
         self._expire_waiting()
@@ -191,6 +241,18 @@ class Engine:
         self.worker.channel.send({"ops": self.log.take(), "seqs": seqs})
         self._last_send = time.monotonic()
 
+    def _drain_refused(self, err: BaseException) -> None:
+        """After the loop died: answer what is still queued (any thread), so that nothing waits forever."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "submit":
+                self._deliver([(item[2], self._error_output(item[1], err))])
+            elif item[0] in ("prefetch", "unload") and not item[2].done():
+                item[2].set_exception(err)
+
     def _drain(self) -> bool:
         busy = False
         while True:
@@ -213,10 +275,12 @@ class Engine:
 
     def _add(self, req: GenerationRequest, sink: Sink) -> None:
         if req.request_id in self._seqs:
-            sink(self._error_output(req, InvalidRequest(f"duplicate request id {req.request_id!r}")))
+            self._outbox.append((sink, self._error_output(req, InvalidRequest(
+                f"duplicate request id {req.request_id!r}"))))
             return
         seq = Sequence(req=req, seq_id=next(self._ids), arrival=time.monotonic(), tokens=list(req.prompt_ids),
-                       num_prompt=len(req.prompt_ids), generator=make_generator(req.params))
+                       num_prompt=len(req.prompt_ids), generator=make_generator(req.params),
+                       detok=IncrementalDetokenizer(self.tokenizer))
         self._seqs[req.request_id] = seq
         self._sinks[req.request_id] = sink
         self.per_adapter[req.adapter or ""] += 1
@@ -277,28 +341,29 @@ class Engine:
     def _emit(self, seq: Sequence, tok: int) -> None:
         p = seq.req.params
         reason = None
-        out_ids = seq.output_ids
         if tok in self.eos_ids and not p.ignore_eos:
-            reason, out_ids = "stop", out_ids[:-1]
-        text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            reason = "stop"  # EOS ends the text and is not part of it
+        else:
+            seq.detok.add(tok)
+        text = seq.detok.text
+        if reason is None and (len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.config.max_model_len):
+            reason = "length"
+        if reason is not None:
+            text += seq.detok.pending()  # the request ends: an incomplete character is shown as it is
         for s in p.stop:
             i = text.find(s, max(0, len(seq.text) - len(s)))
             if i >= 0:
                 text, reason = text[:i], "stop"
-        if reason is None and (len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.config.max_model_len):
-            reason = "length"
-        if reason is None:
-            # Hold back what may still change: an incomplete UTF-8 character, and any
-            # tail that could be the start of a stop string (the next token decides).
-            hold = max((len(s) for s in p.stop), default=1) - 1
+        if reason is None and p.stop:
+            # Hold back any tail that could be the start of a stop string (the next token decides).
+            hold = max(len(s) for s in p.stop) - 1
             text = text[:len(text) - hold] if hold else text
-            text = text.rstrip("\ufffd")
             text = text if len(text) >= len(seq.text) else seq.text
         delta, seq.text = text[len(seq.text):], text
         self.counters["generated_tokens"] += 1
-        self._sinks[seq.req.request_id](RequestOutput(
+        self._outbox.append((self._sinks[seq.req.request_id], RequestOutput(
             request_id=seq.req.request_id, token_ids=(tok,), text=delta, finished=reason is not None,
-            finish_reason=reason, prompt_tokens=seq.num_prompt, completion_tokens=len(seq.output_ids)))
+            finish_reason=reason, prompt_tokens=seq.num_prompt, completion_tokens=len(seq.output_ids))))
         if reason is not None:
             self._finish(seq, reason, emit=False)
 
@@ -309,9 +374,10 @@ class Engine:
         sink = self._sinks.pop(rid, None)
         self.counters[f"finished_{reason}"] += 1
         if emit and sink is not None:
-            sink(self._error_output(seq.req, err, len(seq.output_ids)) if err is not None else RequestOutput(
-                request_id=rid, token_ids=(), text="", finished=True, finish_reason=reason,
-                prompt_tokens=seq.num_prompt, completion_tokens=len(seq.output_ids)))
+            self._outbox.append((sink, self._error_output(seq.req, err, len(seq.output_ids)) if err is not None
+                                 else RequestOutput(request_id=rid, token_ids=(), text="", finished=True,
+                                                    finish_reason=reason, prompt_tokens=seq.num_prompt,
+                                                    completion_tokens=len(seq.output_ids))))
 
     def _fail(self, seq: Sequence, err: BaseException) -> None:
         self._finish(seq, "error", err=err)

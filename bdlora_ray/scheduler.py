@@ -44,6 +44,7 @@ class Sequence:
     status: Status = Status.WAITING
     text: str = ""                      # decoded output emitted so far
     preemptions: int = 0
+    detok: Any = None                   # its IncrementalDetokenizer (rank 0's engine sets it)
 
     @property
     def output_ids(self) -> list[int]:
