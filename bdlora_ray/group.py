@@ -1,10 +1,9 @@
-"""A replica group on Ray: N TP worker actors in one placement group.
+"""A replica group on Ray: TP rank 0 in this process, ranks > 0 in actors of one placement group.
 
-Rank 0's actor runs the engine loop; ranks > 0 follow its steps over
-torch.distributed (no Ray call per step). Ray is used only to place the
-actors, to stream each request's tokens back (one streaming call per
-request), and to move adapter shards from the adapter store (one call per
-rank per adapter load).
+Rank 0 runs the engine loop here, in the process that serves the group's requests (a Serve replica),
+as Ray Serve LLM's replica owns its engine; ranks > 0 follow its steps over torch.distributed (no Ray
+call per step). Ray is used only to place the actors and to move adapter shards from the adapter
+store (one call per rank per adapter load); a token crosses no process boundary until the ingress.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import logging
 import os
 import socket
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -30,7 +29,7 @@ from bdlora_ray.config import LlamaConfig
 from bdlora_ray.engine import Engine, EngineConfig
 from bdlora_ray.errors import AdapterInvalid, AdapterUnavailable, ReplicaGroupFailed, error_from_name
 from bdlora_ray.memory import PoolConfig
-from bdlora_ray.placement import worker_bundles
+from bdlora_ray.placement import group_bundles
 from bdlora_ray.request import GenerationRequest, RequestOutput, merge_outputs
 from bdlora_ray.store.actor import AdapterStoreActor, StoreConfig
 from bdlora_ray.store.manifest import check_name
@@ -108,15 +107,46 @@ class StoreShardSource:
         return blob.meta, blob.tensors()
 
 
+def build_rank(rank: int, config: GroupConfig, init_method: str, store: Any):
+    """Join the group's torch.distributed world as `rank` and load this rank's model shard and pool.
+    Every rank calls this at once (rank 0 in the replica process, the others in their actors)."""
+    import torch.distributed as dist
+
+    from bdlora_ray.comm import init_distributed
+    from bdlora_ray.worker import StepChannel, TPWorker
+
+    c = config
+    torch.set_num_threads(max(1, int(c.worker_cpus)) if not c.use_gpu else 4)
+    comm = init_distributed(rank, c.tp, init_method)
+    # Step messages travel on a CPU group of their own; idle ranks wait in it between steps.
+    cpu_group = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+    cfg = c.model_config()
+    dtype = getattr(torch, c.engine.dtype)
+    device = "cuda" if c.use_gpu else "cpu"
+    pool = PoolConfig.for_model(cfg, c.tp, c.engine.num_pages, c.engine.block_size, dtype, device)
+    return TPWorker(cfg, c.model_path, comm, pool, StoreShardSource(store), StepChannel(c.tp, cpu_group),
+                    device, dtype)
+
+
+def leave_world() -> None:
+    """Leave this process's torch.distributed world (before joining a new one)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a broken world (a peer died) may not tear down cleanly
+            log.warning("torch.distributed did not shut down cleanly", exc_info=True)
+
+
 class TPWorkerActor:
-    """One TP rank in an actor. Every public method counts its calls (`call_counts`)."""
+    """TP rank > 0 in an actor: it follows rank 0's steps over torch.distributed, and is called over
+    Ray only to set up and to fetch adapter shards. Every public method counts its calls."""
 
     def __init__(self, rank: int, config: GroupConfig) -> None:
         self.rank, self.config = rank, config
         self.calls: Counter[str] = Counter()
         self.worker = None
-        self.engine: Engine | None = None
-        self.store: Any = None
         self._executor = ThreadPoolExecutor(max_workers=4)
 
     def _count(self, method: str) -> None:
@@ -126,10 +156,6 @@ class TPWorkerActor:
         self._count("call_counts")
         return dict(self.calls)
 
-    async def rendezvous(self) -> str:
-        self._count("rendezvous")
-        return f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
-
     async def info(self) -> dict:
         """Where this rank runs (operators and fault-injection tests find its process by it)."""
         self._count("info")
@@ -137,35 +163,17 @@ class TPWorkerActor:
 
     async def setup(self, init_method: str, store: Any) -> None:
         self._count("setup")
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._setup, init_method, store)
-
-    def _setup(self, init_method: str, store: Any) -> None:
-        import torch.distributed as dist
-
-        from bdlora_ray.comm import init_distributed
-        from bdlora_ray.worker import StepChannel, TPWorker
-
-        c = self.config
-        self.store = store
-        torch.set_num_threads(max(1, int(c.worker_cpus)) if not c.use_gpu else 4)
-        comm = init_distributed(self.rank, c.tp, init_method)
-        # Step messages travel on a CPU group of their own; idle ranks wait in it between steps.
-        cpu_group = dist.new_group(backend="gloo", timeout=timedelta(days=7))
-        cfg = c.model_config()
-        dtype = getattr(torch, c.engine.dtype)
-        device = "cuda" if c.use_gpu else "cpu"
-        pool = PoolConfig.for_model(cfg, c.tp, c.engine.num_pages, c.engine.block_size, dtype, device)
-        self.worker = TPWorker(cfg, c.model_path, comm, pool, StoreShardSource(store),
-                               StepChannel(c.tp, cpu_group), device, dtype)
+        self.worker = await asyncio.get_running_loop().run_in_executor(
+            self._executor, build_rank, self.rank, self.config, init_method, store)
 
     async def serve_forever(self) -> None:
-        """Ranks > 0: follow rank 0 until it stops (one long call for the group's life)."""
+        """Follow rank 0 until it stops (one long call for the group's life)."""
         self._count("serve_forever")
         await asyncio.get_running_loop().run_in_executor(self._executor, self.worker.serve_forever)
 
     async def pool_usage(self) -> dict:
         self._count("pool_usage")
-        return self.worker.pool.usage().to_dict()
+        return self.worker.usage_snapshot
 
     async def fetch_adapter(self, name: str) -> int:
         self._count("fetch_adapter")
@@ -176,93 +184,48 @@ class TPWorkerActor:
         self._count("forget_adapter")
         self.worker.host.pop(name, None)
 
-    # ---- rank 0 -------------------------------------------------------------------
 
-    async def start_engine(self, peers: list) -> None:
-        self._count("start_engine")
+class _Stream:
+    """One request's outputs on its way from the engine thread to the coroutine reading them.
 
-        def fetch_everywhere(name: str) -> int:
-            refs = [p.fetch_adapter.remote(name) for p in peers]  # the other ranks, concurrently
-            errors, n = [], 0
-            try:
-                n = self.worker.fetch_adapter(name)
-            except Exception as e:
-                errors.append(e)
-            for ref in refs:  # every rank's outcome, so that none keeps a shard that will not be loaded
-                try:
-                    n += ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    errors.append(unwrap(e))
-                except ray.exceptions.RayActorError as e:
-                    errors.append(ReplicaGroupFailed(f"a TP worker died while fetching {name!r}: {type(e).__name__}"))
-            if errors:  # every fetch has ended: nothing re-adds what is dropped here
-                self.worker.host.pop(name, None)
-                try:
-                    ray.get([p.forget_adapter.remote(name) for p in peers])
-                    if any(isinstance(e, AdapterInvalid) for e in errors):
-                        # A rank that reached the store after the failure may have cached a good shard
-                        # (and the manifest) of this broken adapter: keep nothing of it.
-                        ray.get(self.store.invalidate.remote(name))
-                except ray.exceptions.RayError:
-                    log.warning("could not drop every copy of failed adapter %s", name, exc_info=True)
-                raise errors[0]
-            return n
+    The engine hands a whole step's outputs over in one wake-up of the reader's event loop; what
+    arrives while the reader is busy is read as one merged event (as vLLM's output collector does)."""
 
-        fetch = (lambda name: self._executor.submit(fetch_everywhere, name)) if peers else None
-        tokenizer = load_tokenizer(self.config.model_path)
-        self.engine = Engine(self.worker, tokenizer, self.config.engine, fetch)
-        self.engine.start()
+    __slots__ = ("loop", "pending", "ready")
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Streams the request's outputs; typed errors are raised before the first one."""
-        self._count("generate")
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.engine.submit(req, lambda out: loop.call_soon_threadsafe(q.put_nowait, out))
-        finished = False
-        try:
-            while not finished:
-                # Everything that arrived meanwhile goes as one item: under load a Ray stream item per
-                # token per request would cost more than the step that made the token.
-                outs = [await q.get()]
-                while not outs[-1].finished and not q.empty():
-                    outs.append(q.get_nowait())
-                out = merge_outputs(outs)
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:  # the caller went away: free the pages now
-                self.engine.abort(req.request_id)
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: list[RequestOutput] = []
+        self.ready = asyncio.Event()
 
-    async def abort(self, request_id: str) -> None:
-        self._count("abort")
-        self.engine.abort(request_id)
+    def put(self, out: RequestOutput) -> None:  # on self.loop
+        self.pending.append(out)
+        self.ready.set()
 
-    async def load_adapter(self, name: str) -> None:
-        self._count("load_adapter")
-        await asyncio.wrap_future(self.engine.prefetch(name))
+    async def get(self) -> RequestOutput:
+        while not self.pending:
+            await self.ready.wait()
+            self.ready.clear()
+        outs, self.pending = self.pending, []
+        return merge_outputs(outs)
 
-    async def unload_adapter(self, name: str) -> bool:
-        self._count("unload_adapter")
-        return await asyncio.wrap_future(self.engine.unload(name))
 
-    async def stats(self) -> dict:
-        self._count("stats")
-        return {**self.engine.stats(), "channel_messages": self.worker.channel.sent,
-                "worker_steps": self.worker.steps, "dead": repr(self.engine.dead) if self.engine.dead else None}
-
-    async def stop(self) -> None:
-        self._count("stop")
-        if self.engine is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+def _dispatch(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.put(out)
 
 
 class EngineGroup:
     """Creates and drives one replica group (see the module docstring).
 
-    When a worker dies, in-flight requests end with ReplicaGroupFailed (503) and
-    the group rebuilds itself in place: every worker is replaced, in the same
-    placement group, and new requests are refused with 503 until it is back.
+    Rank 0 (the engine loop, the model's first shard, the pool) runs in this process: in a Serve
+    replica, that is bundle 0 of the replica's placement group, and the other ranks are actors in
+    bundles 1..TP-1. Outputs cross no process boundary on their way to the replica's request
+    handlers: the engine hands each step's outputs to this process's event loop in one wake-up.
+
+    When a TP worker dies, in-flight requests end with ReplicaGroupFailed (503) and new ones are
+    refused with it; `check_health` then raises (Serve replaces the whole replica), and `recover`
+    rebuilds the group in place for callers without Serve.
     """
 
     def __init__(self, config: GroupConfig, placement_group: PlacementGroup | None = None) -> None:
@@ -277,21 +240,24 @@ class EngineGroup:
                                                get_if_exists=True, lifetime="detached", max_restarts=-1,
                                                runtime_env={"env_vars": _worker_env()}).remote(store_config(config))
         pg = placement_group or get_current_placement_group()
-        self._offset = 1 if pg is not None and placement_group is None else 0  # bundle 0: the Serve replica's
+        # Rank i > 0 goes to bundle i of the replica's own placement group (bundle 0 is this process,
+        # rank 0), or to bundle i - 1 of one made here for the followers alone.
+        self._offset = 0
         self._own_pg = None
-        if pg is None:
-            self._own_pg = pg = ray_placement_group(config)
-            self._offset = 0
+        if pg is None and config.tp > 1:
+            self._own_pg = pg = ray_placement_group(config, followers_only=True)
+            self._offset = -1
         self._pg = pg
-        self._resident: set[str] = set()
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="group")
         self._rebuild_lock = asyncio.Lock()
-        self._rebuilding = False
         self.rebuilds = 0
+        self.deliveries = 0  # wake-ups of request handlers by the engine (at most one per step per loop)
         self._start()
         log.info("replica group up: %s, TP=%d", self.model_name, config.tp)
 
     def _start(self) -> None:
-        """Create the TP workers, join them in one torch.distributed group, start rank 0's engine."""
+        """Create the TP workers, join them and this process in one torch.distributed world, start
+        the engine loop here."""
         c = self.config
         res = {"num_gpus": 1, "num_cpus": 0} if c.use_gpu else {"num_cpus": c.worker_cpus}
         actor = ray.remote(TPWorkerActor)
@@ -299,109 +265,143 @@ class EngineGroup:
             actor.options(**res, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self._pg, placement_group_bundle_index=self._offset + i, placement_group_capture_child_tasks=False),
                 runtime_env={"env_vars": _worker_env()}).remote(i, c)
-            for i in range(c.tp)]
-        init = ray.get(self.workers[0].rendezvous.remote())
-        ray.get([w.setup.remote(init, self.store) for w in self.workers])
-        self._followers = [w.serve_forever.remote() for w in self.workers[1:]]
-        ray.get(self.workers[0].start_engine.remote(self.workers[1:]))
-        self.worker_info = ray.get([w.info.remote() for w in self.workers])
-        self._resident.clear()
+            for i in range(1, c.tp)]
+        init = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+        joined = [w.setup.remote(init, self.store) for w in self.workers]
+        self.worker = build_rank(0, c, init, self.store)  # returns once every rank has joined
+        ray.get(joined)
+        self._followers = [w.serve_forever.remote() for w in self.workers]
+        self.engine = Engine(self.worker, self.tokenizer, c.engine,
+                             self._fetch_everywhere if self.workers else None, self._deliver)
+        self.engine.start()
+        self.worker_info = [{"rank": 0, "pid": os.getpid(), "node_ip": ray.util.get_node_ip_address()},
+                            *ray.get([w.info.remote() for w in self.workers])]
 
-    async def _failure(self) -> str | None:
-        """Why the group cannot serve, or None. Never touches S3."""
-        ended, _ = ray.wait(self._followers, timeout=0)
+    # ---- engine thread ---------------------------------------------------------------
+
+    def _deliver(self, batch: list[tuple[Any, RequestOutput]]) -> None:
+        """A step's outputs: one hand-over per event loop that has readers in the batch."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, out in batch:
+            by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            self.deliveries += 1
+            try:
+                loop.call_soon_threadsafe(_dispatch, items)
+            except RuntimeError:  # that loop is closed: its readers are gone
+                log.debug("outputs for a closed event loop dropped")
+
+    def _fetch_everywhere(self, name: str) -> Future:
+        return self._executor.submit(self._fetch_on_every_rank, name)
+
+    def _fetch_on_every_rank(self, name: str) -> int:
+        refs = [p.fetch_adapter.remote(name) for p in self.workers]  # the other ranks, concurrently
+        errors, n = [], 0
+        try:
+            n = self.worker.fetch_adapter(name)
+        except Exception as e:
+            errors.append(e)
+        for ref in refs:  # every rank's outcome, so that none keeps a shard that will not be loaded
+            try:
+                n += ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                errors.append(unwrap(e))
+            except ray.exceptions.RayActorError as e:
+                errors.append(ReplicaGroupFailed(f"a TP worker died while fetching {name!r}: {type(e).__name__}"))
+        if errors:  # every fetch has ended: nothing re-adds what is dropped here
+            self.worker.host.pop(name, None)
+            try:
+                ray.get([p.forget_adapter.remote(name) for p in self.workers])
+                if any(isinstance(e, AdapterInvalid) for e in errors):
+                    # A rank that reached the store after the failure may have cached a good shard
+                    # (and the manifest) of this broken adapter: keep nothing of it.
+                    ray.get(self.store.invalidate.remote(name))
+            except ray.exceptions.RayError:
+                log.warning("could not drop every copy of failed adapter %s", name, exc_info=True)
+            raise errors[0]
+        return n
+
+    # ---- health -------------------------------------------------------------------------
+
+    def failure(self) -> str | None:
+        """Why the group cannot serve, or None. Never touches S3, never blocks."""
+        if self.engine.dead is not None:
+            return f"engine loop died: {self.engine.dead!r}"
+        ended, _ = ray.wait(self._followers, num_returns=len(self._followers), timeout=0) \
+            if self._followers else ([], [])
         if ended:
             return "a TP worker stopped following rank 0"
-        try:
-            s = await asyncio.wait_for(self.workers[0].stats.remote(), timeout=30)
-        except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
-            return f"rank 0 is unreachable: {type(e).__name__}"
-        return f"engine loop died: {s['dead']}" if s["dead"] else None
+        return None
+
+    async def check_health(self) -> None:
+        """Raises ReplicaGroupFailed if the group cannot serve (Serve then replaces the replica)."""
+        why = self.failure()
+        if why is not None:
+            raise ReplicaGroupFailed(f"replica group {self.model_name} is broken: {why}")
 
     async def recover(self) -> bool:
-        """Rebuild the group if it is broken; True if it had to."""
+        """Rebuild the group in place if it is broken; True if it had to. For callers without Serve
+        (Serve replaces a broken replica instead)."""
         async with self._rebuild_lock:
-            why = await self._failure()
+            why = self.failure()
             if why is None:
                 return False
             log.warning("replica group %s broken (%s): rebuilding", self.model_name, why)
-            self._rebuilding = True
-            try:
-                for w in self.workers:
-                    ray.kill(w, no_restart=True)
-                await asyncio.get_running_loop().run_in_executor(None, self._start)
-                self.rebuilds += 1
-            finally:
-                self._rebuilding = False
+            await asyncio.get_running_loop().run_in_executor(None, self._rebuild)
+            self.rebuilds += 1
             return True
 
-    def _recover_soon(self) -> None:
-        if not self._rebuild_lock.locked():
-            asyncio.get_running_loop().create_task(self.recover())
+    def _rebuild(self) -> None:
+        self._teardown()
+        self._start()
+
+    def _teardown(self) -> None:
+        try:
+            self.engine.stop()
+        except Exception:
+            log.warning("the engine loop did not stop cleanly", exc_info=True)
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        leave_world()
+
+    # ---- requests -----------------------------------------------------------------------
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """The request's events, merged while the reader is busy; typed errors before the first."""
         if req.adapter is not None:
             check_name(req.adapter)
-        if self._rebuilding:
-            raise ReplicaGroupFailed("the replica group is restarting")
-        gen = self.workers[0].generate.options(num_returns="streaming").remote(req)
+        stream = _Stream(asyncio.get_running_loop())
+        self.engine.submit(req, stream)
         done = started = False
         try:
-            async for ref in gen:
-                try:
-                    out = await ref
-                except ray.exceptions.RayTaskError as e:
-                    err = unwrap(e)
-                    if isinstance(err, ReplicaGroupFailed):
-                        self._recover_soon()
-                    raise err from None
+            while not done:
+                out = await stream.get()
                 done = out.finished
-                if out.error_type == ReplicaGroupFailed.__name__:
-                    self._recover_soon()
                 if done and out.finish_reason == "error" and not started:
                     raise error_from_name(out.error_type, out.error or "request failed")
                 started = True
-                if done and req.adapter is not None and out.finish_reason != "error":
-                    self._resident.add(req.adapter)
                 yield out
-        except ray.exceptions.RayActorError as e:  # rank 0 itself died
-            self._recover_soon()
-            done = True
-            raise ReplicaGroupFailed(f"rank 0 of the replica group died: {type(e).__name__}") from None
         finally:
-            if not done:
-                ray.cancel(gen)
-                try:
-                    await self.abort(req.request_id)
-                except ray.exceptions.RayError:
-                    log.debug("abort of %s not delivered", req.request_id, exc_info=True)
+            if not done:  # the reader went away: free the sequence's pages now
+                self.engine.abort(req.request_id)
 
     async def abort(self, request_id: str) -> None:
-        await self.workers[0].abort.remote(request_id)
-
-    async def _on_rank0(self, method: str, *args: Any) -> Any:
-        """Rank 0's `method`, its typed error raised as such."""
-        try:
-            return await getattr(self.workers[0], method).remote(*args)
-        except ray.exceptions.RayTaskError as e:
-            raise unwrap(e) from None
+        self.engine.abort(request_id)
 
     async def load_adapter(self, name: str) -> None:
-        await self._on_rank0("load_adapter", check_name(name))
-        self._resident.add(name)
+        await asyncio.wrap_future(self.engine.prefetch(check_name(name)))
 
     async def unload_adapter(self, name: str) -> None:
         """Evict it from the pool and the store's host cache: the next use reads S3 again (a re-pushed
         adapter is served in its new version, a deleted one is not found)."""
-        await self._on_rank0("unload_adapter", check_name(name))
-        self._resident.discard(name)
+        await asyncio.wrap_future(self.engine.unload(check_name(name)))
         try:
             await self.store.invalidate.remote(name)
         except ray.exceptions.RayActorError:
             log.info("adapter store restarting: its cache (and %s in it) starts empty", name)
 
     def resident_adapters(self) -> list[str]:
-        return sorted(self._resident)
+        return list(self.engine.stats().get("resident_adapters", ()))
 
     async def list_adapters(self) -> list[dict]:
         try:
@@ -413,41 +413,35 @@ class EngineGroup:
         return [i.to_dict() for i in infos]
 
     async def stats(self) -> dict:
-        s = await self.workers[0].stats.remote()
-        self._resident = set(s["resident_adapters"])
+        s = dict(self.engine.stats())
         s["store"] = await self.store.stats.remote()
         s["workers"] = self.worker_info
+        s["deliveries"] = self.deliveries
         return s
 
     async def worker_call_counts(self) -> list[dict[str, int]]:
+        """Ray calls that reached each TP rank > 0 (rank 0 runs here: nothing calls it over Ray)."""
         return await asyncio.gather(*[w.call_counts.remote() for w in self.workers])
 
     async def pool_usage(self) -> list[dict]:
         """Every rank's pool usage (they replay rank 0's operations, so they agree)."""
-        return await asyncio.gather(*[w.pool_usage.remote() for w in self.workers])
-
-    async def check_health(self) -> None:
-        """Rebuilds a broken group (never touches S3); raises only if that fails."""
-        await self.recover()
+        others = await asyncio.gather(*[w.pool_usage.remote() for w in self.workers])
+        return [self.engine.stats()["pool"], *others]
 
     def shutdown(self) -> None:
-        try:
-            ray.get(self.workers[0].stop.remote(), timeout=30)
-        except Exception:
-            log.warning("rank 0 did not stop cleanly", exc_info=True)
-        for w in self.workers:
-            ray.kill(w)
+        self._teardown()
+        self._executor.shutdown(wait=False, cancel_futures=True)
         if self._own_pg is not None:
             ray.util.remove_placement_group(self._own_pg)
 
 
-def bundles(config: GroupConfig) -> list[dict[str, float]]:
-    """One bundle per TP worker: a whole GPU each, or a CPU fraction here."""
-    return worker_bundles(config.tp, config.use_gpu, config.worker_cpus)
+def bundles(config: GroupConfig, replica_cpus: float = 0.0) -> list[dict[str, float]]:
+    """One bundle per TP rank (bdlora_ray.placement); bundle 0 also holds the replica running rank 0."""
+    return group_bundles(config.tp, config.use_gpu, config.worker_cpus, replica_cpus)
 
 
-def ray_placement_group(config: GroupConfig) -> PlacementGroup:
-    pg = placement_group(bundles(config), strategy="STRICT_PACK")
+def ray_placement_group(config: GroupConfig, followers_only: bool = False) -> PlacementGroup:
+    pg = placement_group(bundles(config)[1 if followers_only else 0:], strategy="STRICT_PACK")
     ray.get(pg.ready(), timeout=300)
     return pg
 

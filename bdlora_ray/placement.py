@@ -7,8 +7,11 @@ configured, before any cluster exists.
 from __future__ import annotations
 
 
-def worker_bundles(tp: int, use_gpu: bool, worker_cpus: float) -> list[dict[str, float]]:
-    """One bundle per TP worker (worker i -> bundle i): a whole GPU each, or a CPU fraction without GPUs."""
+def group_bundles(tp: int, use_gpu: bool, worker_cpus: float, replica_cpus: float = 0.0) -> list[dict[str, float]]:
+    """One bundle per TP rank (rank i -> bundle i): a whole GPU each, or a CPU fraction without GPUs.
+    Bundle 0 is the group's Serve replica, which runs rank 0 and the engine loop in its own process:
+    it also holds `replica_cpus` for the scheduler, the tokenizer and the request handlers."""
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
-    return [{"GPU": 1, "CPU": 1} if use_gpu else {"CPU": worker_cpus} for _ in range(tp)]
+    one = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": worker_cpus}
+    return [{**one, "CPU": one["CPU"] + replica_cpus}] + [dict(one) for _ in range(tp - 1)]

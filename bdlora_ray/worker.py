@@ -95,6 +95,9 @@ class TPWorker:
         # fetch_adapter runs on the engine's fetch threads, several at once, beside the loop's loads.
         self._host_lock = threading.Lock()
         self.steps = 0
+        # The pool's usage as of the last message applied: read by other threads instead of the pool,
+        # which only the thread that runs the steps touches. It changes only through pool operations.
+        self.usage_snapshot = self.pool.usage().to_dict()
 
     # ---- adapters ----------------------------------------------------------
 
@@ -157,6 +160,8 @@ class TPWorker:
     def run_message(self, msg: dict) -> Tensor | None:
         for op in msg["ops"]:
             self.apply(op[0], op[1:])
+        if msg["ops"]:
+            self.usage_snapshot = self.pool.usage().to_dict()
         return self.execute(msg["seqs"]) if msg["seqs"] else None
 
     def serve_forever(self) -> None:

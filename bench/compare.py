@@ -348,9 +348,9 @@ def write_json(result: dict, path: Path) -> Path:
 # ---- CLI --------------------------------------------------------------------------
 
 def comparisons() -> dict[str, Any]:
-    from bench import baseline_peft, cold, modes, scaling
+    from bench import baseline_peft, cold, modes, scaling, tax
 
-    return {m.NAME: m for m in (modes, scaling, baseline_peft, cold)}
+    return {m.NAME: m for m in (modes, scaling, baseline_peft, cold, tax)}
 
 
 def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:

@@ -68,7 +68,18 @@ def draw_cold(ax, result: dict) -> None:
     ax.set_title(f"(d) first-token latency: cold / warm {ratio:.1f}x", fontsize=9)
 
 
-DRAW = {"modes": draw_modes, "scaling": draw_scaling, "peft": draw_peft, "cold": draw_cold}
+def draw_tax(ax, result: dict) -> None:
+    rows = result["http"]
+    labels = [f"{r['batch']} {r['variant']}\n{'SSE' if r['stream'] else 'JSON'}" for r in rows]
+    _bars(ax, labels, [r["http_over_engine"] for r in rows], "HTTP tok/s / engine-alone tok/s", "", fmt="{:.2f}")
+    ax.axhline(0.8, color="gray", ls="--", lw=1)
+    ax.tick_params(axis="x", labelsize=6)
+    b = max(result["config"]["batches"])
+    ax.set_title(f"serving tax: HTTP / engine at batch {b} {result['ratios'][f'HTTP / engine at batch {b} (base)']:.2f}x"
+                 f" (base), {result['ratios'][f'HTTP / engine at batch {b} (mixed)']:.2f}x (mixed)", fontsize=9)
+
+
+DRAW = {"modes": draw_modes, "scaling": draw_scaling, "peft": draw_peft, "cold": draw_cold, "tax": draw_tax}
 
 
 def plot(name: str, result: dict, path: str | Path) -> Path:

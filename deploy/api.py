@@ -289,7 +289,8 @@ class OpenAIRoutes:
         params = body.sampling_params(body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS)
         p = body.prompt
         inp = PromptInput(f"cmpl-{uuid.uuid4().hex}", self.adapter_of(body.model), params,
-                          text=p if isinstance(p, str) else None, token_ids=None if isinstance(p, str) else tuple(p))
+                          text=p if isinstance(p, str) else None, token_ids=None if isinstance(p, str) else tuple(p),
+                          stream=body.stream)
         return await self.generate(inp, body.stream, body.include_usage, _Format())
 
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
@@ -298,7 +299,7 @@ class OpenAIRoutes:
         params = body.sampling_params(wanted or 1)  # without max_tokens: the rest of the context, set by the group
         messages = tuple((m["role"], m["content"]) for m in body.chat())
         inp = PromptInput(f"chatcmpl-{uuid.uuid4().hex}", adapter, params, messages=messages,
-                          max_tokens_from_context=wanted is None)
+                          max_tokens_from_context=wanted is None, stream=body.stream)
         return await self.generate(inp, body.stream, body.include_usage, _ChatFormat())
 
     async def models(self) -> dict:

@@ -1,11 +1,15 @@
 """The Ray Serve application: an HTTP ingress and the replica-group deployment.
 
     HTTP -> Ingress (FastAPI, deploy.api) --multiplexed_model_id=adapter--> EngineGroupDeployment
-                                                                            (one EngineGroup: TP workers)
+                                                (one EngineGroup: TP rank 0 and the engine loop here,
+                                                 ranks 1..TP-1 in worker actors)
 
 Each `EngineGroupDeployment` replica reserves a STRICT_PACK placement group
-of 1 + TP bundles (itself, then one per TP worker, which its `EngineGroup`
-schedules into bundles 1..TP); Serve autoscales the number of groups.
+of TP bundles: bundle 0 is the replica itself, which runs TP rank 0 and the
+engine loop in its own process (so tokens reach the request handlers with no
+process hop), bundles 1..TP-1 hold the other ranks' actors. Serve autoscales
+the number of groups, and replaces a replica whose group broke (a TP worker
+died): `check_health` raises.
 `build_app` only binds deployments: nothing starts until `serve.run`.
 """
 
@@ -19,7 +23,7 @@ from ray import serve
 from ray.serve import Application
 
 from bdlora_ray.errors import BdloraError
-from bdlora_ray.request import RequestOutput, coalesced
+from bdlora_ray.request import RequestOutput
 from deploy.api import make_api
 from deploy.config import ApiConfig, AppConfig, GroupSpec
 from deploy.routing import ServeRouter
@@ -67,7 +71,7 @@ class EngineGroupDeployment:
 
     async def generate(self, inp: PromptInput) -> AsyncIterator[RequestOutput | ErrorInfo]:
         try:
-            async for out in coalesced(self.server.generate(inp)):  # merged while the ingress is behind
+            async for out in self.server.generate(inp):  # merged at the source while the ingress is behind
                 yield out
         except BdloraError as e:
             yield ErrorInfo.of(e)
@@ -90,7 +94,9 @@ class EngineGroupDeployment:
         return await _as_data(self.server.pool_usage())
 
     async def check_health(self) -> None:
-        """Serve's periodic health check (and /health): raises if a TP worker died."""
+        """Serve's periodic health check (and /health): raises if the group broke (a TP worker died);
+        Serve then replaces this replica, workers included. It never rebuilds anything itself, so it
+        always answers within the health check's timeout."""
         await self.server.check_health()
 
     def __del__(self) -> None:
@@ -115,11 +121,12 @@ def build_app(config: AppConfig, factory: GroupFactory | None = None) -> Applica
     """Bind the deployments for `config` (starts nothing)."""
     spec, api = config.group, config.api
     assert api is not None
+    first = spec.bundles()[0]  # this replica runs TP rank 0
     groups = EngineGroupDeployment.options(
         name="EngineGroup",
         placement_group_bundles=spec.bundles(),
         placement_group_strategy="STRICT_PACK",  # all TP workers of a group on one node
-        ray_actor_options={"num_cpus": spec.replica_cpus,  # must fit bundle 0
+        ray_actor_options={"num_cpus": first["CPU"], "num_gpus": first.get("GPU", 0),  # bundle 0
                            **({"runtime_env": {"env_vars": dict(spec.env_vars)}} if spec.env_vars else {})},
         autoscaling_config=config.scaling.autoscaling_config(),
         max_ongoing_requests=spec.max_ongoing_requests,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bdlora_ray.placement import worker_bundles
+from bdlora_ray.placement import group_bundles
 
 ENV_PREFIX = "BDLORA_"
 ENGINE_PREFIX = "BDLORA_ENGINE_"
@@ -64,7 +64,7 @@ class GroupSpec:
     tp: int = 2                                  # TP degree (workers per group)
     model_name: str = ""                         # served base model name ("" -> directory name)
     use_gpu: bool = False                        # GPU bundles, else fractional CPU bundles
-    replica_cpus: float = 0.1                    # bundle 0: the replica itself (scheduler, tokenizer)
+    replica_cpus: float = 0.1                    # bundle 0 beyond rank 0's share: scheduler, tokenizer, HTTP side
     worker_cpus: float = 0.25                    # CPUs per TP worker without GPUs (fractional: 2 cores here)
     max_ongoing_requests: int = 256              # Serve-level cap per group; the engine queues below it
     max_adapters_per_group: int = 4096           # adapters remembered for affinity routing per group
@@ -92,8 +92,9 @@ class GroupSpec:
         return served_model_name(self.model_path, self.model_name)
 
     def bundles(self) -> list[dict[str, float]]:
-        """Placement group bundles: the replica's, then one per TP worker (worker i -> bundle i + 1)."""
-        return [{"CPU": self.replica_cpus}] + worker_bundles(self.tp, self.use_gpu, self.worker_cpus)
+        """Placement group bundles, one per TP rank: bundle 0 is the replica itself (it runs rank 0),
+        rank i > 0 goes to bundle i."""
+        return group_bundles(self.tp, self.use_gpu, self.worker_cpus, self.replica_cpus)
 
     def group_config(self) -> Any:
         """The engine's `GroupConfig` (imported here so that configuring needs no engine)."""

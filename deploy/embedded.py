@@ -7,13 +7,15 @@ at TP=3 on CPU, and the OpenAI API on http://127.0.0.1:8000, built exactly as
 `serve run deploy:app` builds it. BDLORA_DEMO_MODEL=tiny serves the tiny
 random Llama with random adapters at TP=2 instead.
 BDLORA_MODEL_PATH / BDLORA_ADAPTERS_URI (deploy/config.py) replace the seeded
-model / local S3 with real ones. Blocks until Ctrl-C.
+model / local S3 with real ones. Blocks until Ctrl-C or SIGTERM; either stops it the same way:
+Serve shuts down gracefully (in-flight requests finish or end with an error), exit status 0.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -64,16 +66,27 @@ def main() -> None:
     from deploy import build_app
 
     e = config.embedded
-    ray.init(_temp_dir=e.ray_temp_dir, include_dashboard=False)
+    ray.init(address="local", _temp_dir=e.ray_temp_dir, include_dashboard=False)  # its own cluster
+    stop = threading.Event()
+    # After ray.init, which installs a SIGTERM handler of its own that aborts the process.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": e.host, "port": e.port})
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         log.info("serving %s and its adapters on http://%s:%d/v1 (Ctrl-C stops)", config.api.model_name,
                  e.host, e.port)
-        threading.Event().wait()
+        while not stop.wait(1.0):  # a timed wait: Ctrl-C's KeyboardInterrupt gets through too
+            pass
+        log.info("SIGTERM: stopping")
     except KeyboardInterrupt:
         log.info("stopping")
     finally:
+        try:
+            # The application first, while the HTTP proxy still runs: its replicas stop taking requests
+            # and finish the ones in flight (graceful shutdown), whose responses still reach clients.
+            serve.delete(APP_NAME)
+        except Exception:
+            log.warning("the application did not shut down gracefully", exc_info=True)
         serve.shutdown()
         ray.shutdown()
         if server is not None:

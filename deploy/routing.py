@@ -20,12 +20,15 @@ import logging
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Protocol
 
-from bdlora_ray.errors import BdloraError
+import ray
+
+from bdlora_ray.errors import BdloraError, ReplicaGroupFailed
 from bdlora_ray.request import RequestOutput
 from deploy.serving import ErrorInfo, GroupServer, PromptInput
 
 log = logging.getLogger(__name__)
 _TIMEOUTS = (TimeoutError, asyncio.TimeoutError)  # distinct classes before Python 3.11
+_REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 class GroupUnavailable(BdloraError):
@@ -128,6 +131,9 @@ class ServeRouter:
                 out = _check(ev)
                 finished = out.finished
                 yield out
+        except _REPLICA_GONE as e:  # the group's replica (rank 0 runs in it) died; Serve replaces it
+            finished = True
+            raise ReplicaGroupFailed(f"the replica group died: {type(e).__name__}") from None
         finally:
             if not finished:
                 # Cancelling the call cancels the replica's generator, which aborts the request.

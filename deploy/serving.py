@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from bdlora_ray.errors import BdloraError, InvalidRequest
-from bdlora_ray.request import GenerationRequest, RequestOutput, SamplingParams
+from bdlora_ray.request import GenerationRequest, RequestOutput, SamplingParams, merge_outputs
 from bdlora_ray.store.manifest import check_name
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class PromptInput:
     token_ids: tuple[int, ...] | None = None     # completion prompt, pre-tokenized
     messages: tuple[tuple[str, str], ...] | None = None  # chat: (role, content)
     max_tokens_from_context: bool = False        # chat without max_tokens: the rest of the context
+    stream: bool = True                          # False: only the final event (all text) is sent back
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,22 @@ class GroupServer:
         return GenerationRequest(inp.request_id, tuple(ids), inp.adapter, params)
 
     async def generate(self, inp: PromptInput) -> AsyncGenerator[RequestOutput, None]:
-        """Events of one request; typed errors are raised before the first one."""
+        """Events of one request; typed errors are raised before the first one. A request that is not
+        streamed gets one event, its whole output: no message per step crosses to the ingress."""
+        if inp.stream:
+            async for out in self._events(inp):
+                yield out
+            return
+        outs: list[RequestOutput] = []
+        events = self._events(inp)
+        try:
+            async for out in events:
+                outs.append(out)
+        finally:
+            await events.aclose()
+        yield merge_outputs(outs)
+
+    async def _events(self, inp: PromptInput) -> AsyncGenerator[RequestOutput, None]:
         req = self.prepare(inp)
         stream = self.group.generate(req)
         finished = started = False

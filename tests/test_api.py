@@ -492,14 +492,15 @@ def test_config_from_env():
     assert (gc.tp, gc.use_gpu, gc.engine.max_num_seqs, gc.engine.dtype, gc.adapters_uri) == (8, True, 128, "bfloat16",
                                                                                             "s3://b/p")
     bundles = c.group.bundles()
-    assert bundles[0] == {"CPU": 2.0} and len(bundles) == 9 and all(b["GPU"] == 1 for b in bundles[1:])
+    # Bundle 0 is the replica, which runs rank 0 (its GPU) beside the scheduler and HTTP side.
+    assert bundles[0] == {"GPU": 1, "CPU": 3.0} and len(bundles) == 8 and all(b["GPU"] == 1 for b in bundles)
     assert c.scaling.autoscaling_config() == {"min_replicas": 3, "max_replicas": 3, "initial_replicas": 3,
                                               "target_ongoing_requests": 32.0}
     d = AppConfig.from_env({})
     assert (d.group.tp, d.group.use_gpu, d.api.admin_token, d.embedded.local_s3, d.embedded.seed_model) == (
         3, False, "", True, True)
     assert d.api.model_name == "SmolLM2-135M-Instruct" and Path(d.group.model_path).is_absolute()
-    assert [b.get("GPU", 0) for b in d.group.bundles()] == [0, 0, 0, 0]
+    assert [b.get("GPU", 0) for b in d.group.bundles()] == [0, 0, 0]
     tiny = AppConfig.from_env({"BDLORA_DEMO_MODEL": "tiny"})
     assert (tiny.group.tp, tiny.api.model_name) == (2, "tiny-llama")
     s = AppConfig.from_env({"BDLORA_MIN_GROUPS": "2", "BDLORA_MAX_GROUPS": "5"}).scaling

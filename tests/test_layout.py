@@ -85,19 +85,19 @@ def test_bdlora_push_does_not_load_ray(tmp_path, s3_server):
 def test_deploy_config_computes_bundles_without_the_group_module():
     code = ("from deploy.config import AppConfig\n"
             "c = AppConfig.from_env({'BDLORA_TP': '3', 'BDLORA_WORKER_CPUS': '0.5', 'BDLORA_REPLICA_CPUS': '0.2'})\n"
-            "assert c.group.bundles() == [{'CPU': 0.2}] + [{'CPU': 0.5}] * 3, c.group.bundles()\n"
+            "assert c.group.bundles() == [{'CPU': 0.7}] + [{'CPU': 0.5}] * 2, c.group.bundles()\n"
             "g = AppConfig.from_env({'BDLORA_TP': '2', 'BDLORA_USE_GPU': '1'}).group.bundles()\n"
-            "assert g[1:] == [{'GPU': 1, 'CPU': 1}] * 2 and g[1] is not g[2], g")
+            "assert g == [{'GPU': 1, 'CPU': 1.1}, {'GPU': 1, 'CPU': 1}] and g[0] is not g[1], g")
     loaded = _modules_after(code)
     assert "bdlora_ray.group" not in loaded and "ray" not in loaded
 
 
 @pytest.mark.parametrize("tp", [0, -1])
-def test_worker_bundles_refuse_a_bad_tp(tp):
-    from bdlora_ray.placement import worker_bundles
+def test_group_bundles_refuse_a_bad_tp(tp):
+    from bdlora_ray.placement import group_bundles
 
     with pytest.raises(ValueError, match="tp must be >= 1"):
-        worker_bundles(tp, False, 0.5)
+        group_bundles(tp, False, 0.5)
 
 
 # Paths a reader may follow: a file of one of the project's folders, or a top-level document.

@@ -1,0 +1,278 @@
+"""The serving tax: how much of the engine's decode speed reaches an HTTP client, in one run.
+
+1. Engine alone (as bench/decode.py: two plain processes over gloo, rank 0 steps the engine by hand):
+   decode tokens/s at batch 1, 8 and 32, base model and mixed adapters.
+2. The whole system over HTTP on the same model, TP degree and adapters (`compare.local_server`: a
+   Serve app exactly as `serve run deploy:app`): closed waves of B concurrent `/v1/completions` of
+   `--tokens` tokens each (greedy, EOS ignored), base and mixed adapters, streamed and not. Tokens/s
+   of a wave = its tokens / its wall time; streamed waves also give TTFT and TPOT.
+3. During the batch-32 non-streamed waves, the CPU time of each serving process (psutil: the Serve
+   proxy, the ingress replica, the group replica that runs rank 0, the rank > 0 worker actors, this
+   client) per generated token.
+
+The last line is `HTTP / engine at batch 32: N.NNx` (non-streamed, base model); the table has every
+batch size and variant. Run on a quiet machine: every process here shares its cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import torch
+
+from bench import compare
+from bench.runner import percentile
+from deploy.seed import DemoAdapter
+
+NAME = "tax"
+HELP = "engine-alone vs HTTP decode tokens/s at batch 1/8/32, and serving CPU per token by process"
+ANCHOR = "vLLM V1 / Ray Serve LLM: the engine owns the replica; serving overhead a small share of a step"
+BATCHES = (1, 8, 32)
+ROLES = ("proxy", "ingress", "group replica (rank 0)", "rank > 0 workers", "client")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--adapters", type=int, default=3, help="distinct adapters of the mixed variant (bd mode)")
+    p.add_argument("--rank", type=int, default=8, help="adapter rank")
+    p.add_argument("--tokens", type=int, default=64, help="generated tokens per request")
+    p.add_argument("--waves", type=int, default=3, help="timed waves per batch size and variant")
+    p.add_argument("--steps", type=int, default=24, help="timed engine-alone decode steps per batch size")
+    p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+
+
+# ---- 1. engine alone ------------------------------------------------------------------------------
+
+def _engine_worker(rank: int, args: argparse.Namespace, model_dir: str, adapters: dict, init: str,
+                   result: str) -> None:
+    import torch.distributed as dist
+
+    from bdlora_ray.comm import init_distributed
+    from bdlora_ray.config import LlamaConfig
+    from bdlora_ray.engine import Engine, EngineConfig
+    from bdlora_ray.memory import PoolConfig
+    from bdlora_ray.tokenizer import load_tokenizer
+    from bdlora_ray.worker import LocalShardSource, StepChannel, TPWorker
+
+    torch.set_num_threads(1)  # as a served TP worker (0.5 CPU bundles)
+    cfg = LlamaConfig.from_json(model_dir)
+    comm = init_distributed(rank, args.tp, init)
+    channel = StepChannel(args.tp, dist.new_group(backend="gloo", timeout=timedelta(hours=1)))
+    ecfg = _engine_config(args)
+    pool = PoolConfig.for_model(cfg, args.tp, ecfg.num_pages, ecfg.block_size)
+    worker = TPWorker(cfg, model_dir, comm, pool, LocalShardSource(adapters, cfg, args.tp), channel)
+    if rank > 0:
+        worker.serve_forever()
+        return
+    engine = Engine(worker, load_tokenizer(model_dir), ecfg)
+    rows = []
+    for b in args.batches:
+        for variant in ("base", "mixed"):
+            names = [None] * b if variant == "base" else [sorted(adapters)[i % len(adapters)] for i in range(b)]
+            rows.append({"batch": b, "variant": variant, "tokens_per_s": _decode_rate(engine, names, args)})
+    engine.stop()
+    Path(result).write_text(json.dumps(rows))
+
+
+def _engine_config(args: argparse.Namespace):
+    from bdlora_ray.engine import EngineConfig
+
+    return EngineConfig(**dict(compare.server_config(args, num_pages=2048).engine))
+
+
+def _decode_rate(engine, names: list, args: argparse.Namespace) -> float:
+    """Decode tokens/s over `args.steps` steps in which every sequence decodes (prefill excluded)."""
+    from bdlora_ray.request import GenerationRequest, SamplingParams
+
+    outs: dict[str, list] = {}
+    for i, name in enumerate(names):
+        rid = f"{len(names)}-{name}-{i}-{time.monotonic_ns()}"
+        outs[rid] = []
+        params = SamplingParams(max_tokens=args.steps + 4, temperature=0.0, ignore_eos=True)
+        engine.submit(GenerationRequest(rid, (5, 6, 7, 8, 9, 10, 11, 12), name, params), outs[rid].append)
+    deadline = time.monotonic() + 600
+    while not all(outs.values()):  # prefill (and adapter loads) first
+        if not engine.step():
+            engine.wait_for_work(0.05)
+        if time.monotonic() > deadline:
+            raise TimeoutError("engine-alone prefill did not finish")
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    dt = time.perf_counter() - t0
+    while not all(o and o[-1].finished for o in outs.values()):
+        engine.step()
+    return len(names) * args.steps / dt
+
+
+def engine_alone(args: argparse.Namespace, model_dir: Path, peft_dirs: dict[str, Path]) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    adapters = {n: (str(p), "bd") for n, p in peft_dirs.items()}
+    with tempfile.TemporaryDirectory(prefix="bench-tax-") as d:
+        result = os.path.join(d, "result.json")
+        mp.spawn(_engine_worker, args=(args, str(model_dir), adapters, f"file://{d}/init", result),
+                 nprocs=args.tp, join=True)
+        return json.loads(Path(result).read_text())
+
+
+# ---- 2. over HTTP ---------------------------------------------------------------------------------
+
+async def _one(client: httpx.AsyncClient, body: dict, stream: bool, t0: float) -> dict:
+    if not stream:
+        r = await client.post("/v1/completions", json=body)
+        r.raise_for_status()
+        return {"tokens": r.json()["usage"]["completion_tokens"], "done_s": time.perf_counter() - t0}
+    first = last = None
+    tokens = 0
+    async with client.stream("POST", "/v1/completions",
+                             json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                raise RuntimeError(ev["error"]["message"])
+            now = time.perf_counter() - t0
+            if ev["choices"] and first is None:
+                first = now
+            if ev["choices"]:
+                last = now
+            if ev.get("usage"):
+                tokens = ev["usage"]["completion_tokens"]
+    return {"tokens": tokens, "first_s": first, "done_s": last}
+
+
+async def _wave(url: str, bodies: list[dict], stream: bool) -> tuple[float, list[dict]]:
+    limits = httpx.Limits(max_connections=len(bodies) + 4, max_keepalive_connections=len(bodies) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(_one(client, b, stream, t0) for b in bodies))
+        return time.perf_counter() - t0, res
+
+
+def serving_processes() -> dict[str, list]:
+    """The served group's processes by role, found by the titles Ray gives its workers."""
+    import psutil
+
+    roles: dict[str, list] = {r: [] for r in ROLES}
+    for p in psutil.process_iter(["cmdline"]):
+        title = " ".join(p.info["cmdline"] or ())
+        if "ProxyActor" in title:
+            roles["proxy"].append(p)
+        elif "ServeReplica" in title and "Ingress" in title:
+            roles["ingress"].append(p)
+        elif "ServeReplica" in title and "EngineGroup" in title:
+            roles["group replica (rank 0)"].append(p)
+        elif "TPWorkerActor" in title:
+            roles["rank > 0 workers"].append(p)
+    roles["client"].append(psutil.Process())
+    return roles
+
+
+def _cpu_s(procs: list) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except Exception:  # gone meanwhile
+            pass
+    return total
+
+
+def over_http(args: argparse.Namespace, served: compare.Served, names: list[str]) -> tuple[list[dict], dict]:
+    rows, cpu = [], {}
+    procs = serving_processes()
+    for b in args.batches:
+        for variant in ("base", "mixed"):
+            for stream in (False, True):
+                bodies = [{"model": served.base_model if variant == "base" else names[i % len(names)],
+                           "prompt": [5, 6, 7, 8, 9, 10, 11, 12], "max_tokens": args.tokens, "temperature": 0,
+                           "ignore_eos": True} for i in range(b)]
+                asyncio.run(_wave(served.url, bodies[:min(b, 4)], stream))  # warm this path
+                measure = b == max(args.batches) and not stream
+                before = {r: _cpu_s(ps) for r, ps in procs.items()} if measure else {}
+                walls, tokens, ttft, tpot = [], 0, [], []
+                for _ in range(args.waves):
+                    wall, res = asyncio.run(_wave(served.url, bodies, stream))
+                    walls.append(wall)
+                    tokens += sum(x["tokens"] for x in res)
+                    for x in res:
+                        if stream and x["first_s"] is not None:
+                            ttft.append(x["first_s"])
+                            if x["tokens"] > 1:
+                                tpot.append((x["done_s"] - x["first_s"]) / (x["tokens"] - 1))
+                if measure:
+                    cpu[variant] = {r: 1e6 * (_cpu_s(ps) - before[r]) / tokens for r, ps in procs.items()}
+                rows.append({"batch": b, "variant": variant, "stream": stream, "tokens_per_s": tokens / sum(walls),
+                             "ttft_ms_p50": 1e3 * percentile(ttft, 50) if ttft else None,
+                             "tpot_ms_p50": 1e3 * percentile(tpot, 50) if tpot else None,
+                             "tpot_ms_p90": 1e3 * percentile(tpot, 90) if tpot else None})
+    return rows, cpu
+
+
+# ---- the comparison -------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> dict:
+    specs = [DemoAdapter(f"tax-{k}", args.rank, True, "bd", seed=3000 + k) for k in range(args.adapters)]
+    with tempfile.TemporaryDirectory(prefix="bench-tax-") as d:
+        model_dir, peft_dirs = compare.write_files(Path(d), specs, args.tp, args.model)
+        engine_rows = engine_alone(args, model_dir, peft_dirs)  # before the server: nothing else running
+        server = compare.server_config(args, num_pages=2048)
+        with compare.local_server(Path(d), specs, server, args.progress) as served:
+            compare.warm_up(served, [a.name for a in specs], args.progress)
+            http_rows, cpu = over_http(args, served, [a.name for a in specs])
+    engine = {(r["batch"], r["variant"]): r["tokens_per_s"] for r in engine_rows}
+    for r in http_rows:
+        r["engine_tokens_per_s"] = engine[(r["batch"], r["variant"])]
+        r["http_over_engine"] = r["tokens_per_s"] / r["engine_tokens_per_s"]
+    b = max(args.batches)
+    ratio = {v: next(r["http_over_engine"] for r in http_rows if r["batch"] == b and r["variant"] == v
+                     and not r["stream"]) for v in ("base", "mixed")}
+    single = next((r for r in http_rows if r["batch"] == 1 and r["variant"] == "base" and r["stream"]), None)
+    step_ms = 1e3 / engine[(1, "base")] if (1, "base") in engine else None
+    return {
+        "comparison": NAME, "anchor": ANCHOR,
+        "config": {"tp": args.tp, "adapters": args.adapters, "rank": args.rank, "tokens": args.tokens,
+                   "waves": args.waves, "batches": args.batches, "model": compare.model_info(args), "device": "cpu"},
+        "engine": engine_rows, "http": http_rows, "cpu_us_per_token": cpu,
+        "ratios": {f"HTTP / engine at batch {b} (base)": ratio["base"],
+                   f"HTTP / engine at batch {b} (mixed)": ratio["mixed"],
+                   **({"single-request TPOT / engine batch-1 step": single["tpot_ms_p50"] / step_ms}
+                      if single and single["tpot_ms_p50"] and step_ms else {})},
+    }
+
+
+def report(result: dict) -> list[str]:
+    c = result["config"]
+    lines = [f"TP={c['tp']}, {c['model']}; {c['tokens']} tokens per request, {c['waves']} waves each; mixed = "
+             f"{c['adapters']} BD-LoRA adapters of rank {c['rank']}", ""]
+    lines += compare.markdown_table(
+        ["batch", "variant", "streamed", "engine tok/s", "HTTP tok/s", "HTTP / engine", "TTFT p50 ms",
+         "TPOT p50 ms", "TPOT p90 ms"],
+        [[r["batch"], r["variant"], "yes" if r["stream"] else "no", r["engine_tokens_per_s"], r["tokens_per_s"],
+          r["http_over_engine"], _f(r["ttft_ms_p50"]), _f(r["tpot_ms_p50"]), _f(r["tpot_ms_p90"])]
+         for r in result["http"]])
+    cpu = result["cpu_us_per_token"]
+    if cpu:
+        lines += ["", f"CPU time per generated token (us), batch {max(c['batches'])}, not streamed:", ""]
+        lines += compare.markdown_table(["process", *cpu], [[role, *(cpu[v][role] for v in cpu)] for role in ROLES])
+    lines += [""] + [f"{k}: {v:.2f}x" for k, v in result["ratios"].items() if not k.startswith("HTTP")]
+    b = max(c["batches"])
+    lines.append(f"HTTP / engine at batch {b} (mixed): {result['ratios'][f'HTTP / engine at batch {b} (mixed)']:.2f}x")
+    lines.append(f"HTTP / engine at batch {b}: {result['ratios'][f'HTTP / engine at batch {b} (base)']:.2f}x")
+    return lines
+
+
+def _f(v: float | None) -> float:
+    return float("nan") if v is None else v
