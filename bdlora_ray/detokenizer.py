@@ -18,14 +18,14 @@ class IncrementalDetokenizer:
     gives it, built token by token."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
+        self._decode_ids = _decoder(tokenizer)
         self.ids: list[int] = []
         self.text = ""            # stable text of ids[:read_offset]
         self.prefix_offset = 0    # window start
         self.read_offset = 0      # tokens already turned into `text`
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        return self._decode_ids(ids) if ids else ""
 
     def add(self, token: int) -> str:
         """Append a token; returns the text that became stable (may be empty)."""
@@ -44,3 +44,12 @@ class IncrementalDetokenizer:
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
         return full[len(prefix):] if len(full) > len(prefix) else ""
+
+
+def _decoder(tokenizer: Any) -> Any:
+    """`tokenizer.decode(ids, skip_special_tokens=True)`, through the Rust tokenizer directly when that
+    gives the same text (no clean-up pass): ~8x less Python per call, and it runs twice per token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)

@@ -236,8 +236,11 @@ class EngineGroup:
         config.model_config().check_tp(config.tp)
         # Detached: shared by the model's groups and kept across their rebuilds; restarted if it dies
         # (its cache is only a cache). No credentials in its runtime_env: see _worker_env.
+        # Outside this replica's placement group, which Serve makes capture what the replica creates:
+        # the store must outlive the replica, and a PG is removed with its replica, actors and all.
         self.store = AdapterStoreActor.options(name=store_actor_name(config), namespace=STORE_NAMESPACE,
                                                get_if_exists=True, lifetime="detached", max_restarts=-1,
+                                               scheduling_strategy=PlacementGroupSchedulingStrategy(None),
                                                runtime_env={"env_vars": _worker_env()}).remote(store_config(config))
         pg = placement_group or get_current_placement_group()
         # Rank i > 0 goes to bundle i of the replica's own placement group (bundle 0 is this process,

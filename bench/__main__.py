@@ -1,7 +1,7 @@
 """`python -m bench <name> [options]`: the benchmarks' one entry point (run from a source checkout).
 
     python -m bench                       lists what there is to run
-    python -m bench modes|scaling|peft|cold [...]   a serving comparison over HTTP (bench/compare.py)
+    python -m bench modes|scaling|peft|cold|tax [...]   a serving comparison over HTTP (bench/compare.py)
     python -m bench decode|kernels|packing|plots|... [...]   a benchmark module run as a program,
                                           exactly as `python -m bench.<name>` runs it
 

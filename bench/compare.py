@@ -1,6 +1,6 @@
 """What every serving comparison shares: a local server, adapters pushed to it, reports, and the CLI.
 
-    python -m bench {modes,scaling,peft,cold} [options] [--json PATH] [--plot PATH]
+    python -m bench {modes,scaling,peft,cold,tax} [options] [--json PATH] [--plot PATH]
 
 `local_server` starts the whole system in this process's machine, as
 `serve run deploy:app` would: a moto S3 server in a subprocess on
@@ -9,7 +9,7 @@ PEFT directories and pushed with `bdlora push`'s own function (many at once,
 one shared S3 client), a local Ray cluster, and the Serve app built by
 `deploy.build_app` on 127.0.0.1:<free port>. Everything is shut down after.
 
-Each comparison module (bench/modes.py, scaling.py, baseline_peft.py,
+Each comparison module (bench/modes.py, scaling.py, baseline_peft.py, tax.py,
 cold.py) has NAME, add_arguments(parser), run(args) -> result dict and
 report(result) -> lines: a markdown table, its ratio LAST, beside the
 published anchor.

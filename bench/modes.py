@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from bdlora_ray.lora.layout import COLUMN_TARGETS, TARGETS
-from bench import compare, runner
+from bench import compare, engine_alone, runner
 from deploy.seed import TINY, DemoAdapter
 
 NAME = "modes"
@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bd-rank", type=int, default=None, help="rank of the BD-LoRAs (default: equal parameters)")
     p.add_argument("--repeats", type=int, default=2, help="runs per mode (ABC CBA ... order)")
     p.add_argument("--pages", type=int, default=4096, help="pages per layer of each rank's unified pool")
+    p.add_argument("--engine-batch", type=int, default=16,
+                   help="batch of the engine-alone measurement (over the mode's adapters) in the same run")
+    p.add_argument("--engine-steps", type=int, default=16, help="timed decode steps of the engine-alone measurement")
     compare.add_workload_arguments(p, requests=96, rate=24.0)
 
 
@@ -72,12 +75,18 @@ def run(args: argparse.Namespace) -> dict:
     server = compare.server_config(args, num_pages=args.pages)
     order = [m for i in range(args.repeats) for m in (MODES if i % 2 == 0 else MODES[::-1])]
     runs: dict[str, list] = {m: [] for m in MODES}
-    with tempfile.TemporaryDirectory(prefix="bench-modes-") as d, \
-            compare.local_server(Path(d), adapters, server, args.progress) as served:
-        compare.warm_up(served, [a.name for a in adapters], args.progress)
-        for i, mode in enumerate(order):
-            reqs = compare.workload(args, args.adapters, prefix=mode)
-            runs[mode].append(runner.run(reqs, compare.runner_config(args, served, f"{mode} ({i + 1}/{len(order)})")))
+    with tempfile.TemporaryDirectory(prefix="bench-modes-") as d:
+        # The engine alone first, on the same files, before the server exists (nothing else on the CPUs).
+        model_dir, peft_dirs = compare.write_files(Path(d), adapters, args.tp, args.model)
+        cases = {m: [f"{m}-{i % args.adapters}" for i in range(args.engine_batch)] for m in MODES}
+        engine = engine_alone.measure(model_dir, {a.name: (str(peft_dirs[a.name]), a.mode) for a in adapters},
+                                      cases, args.tp, args.engine_steps, dict(server.engine))
+        with compare.local_server(Path(d), adapters, server, args.progress) as served:
+            compare.warm_up(served, [a.name for a in adapters], args.progress)
+            for i, mode in enumerate(order):
+                reqs = compare.workload(args, args.adapters, prefix=mode)
+                runs[mode].append(runner.run(reqs, compare.runner_config(args, served,
+                                                                         f"{mode} ({i + 1}/{len(order)})")))
     merged = {m: runner.merge(rs, m, compare.slo(args)) for m, rs in runs.items()}
     tps = {m: r.summary["tokens_per_s"] for m, r in merged.items()}
     return {
@@ -86,11 +95,16 @@ def run(args: argparse.Namespace) -> dict:
                    "bd_rank": bd_rank, "params_per_adapter": params, "repeats": args.repeats,
                    "requests": args.requests, "rate": args.rate, "cv": args.cv, "alpha": args.alpha,
                    "input_len": args.input_len, "output_len": args.output_len, "pages": args.pages,
+                   "engine_batch": args.engine_batch, "engine_steps": args.engine_steps,
                    "model": compare.model_info(args), "device": "cpu"},
         "runs": [{"name": m, "rank": bd_rank if m == "bd" else args.lora_rank,
                   "params": params["bd" if m == "bd" else "lora"], **merged[m].to_dict()} for m in MODES],
         "per_repeat_tokens_per_s": {m: [r.summary["tokens_per_s"] for r in rs] for m, rs in runs.items()},
-        "ratios": {"bd / slora": tps["bd"] / tps["slora"], "bd / replicated": tps["bd"] / tps["replicated"]},
+        "engine_alone_tokens_per_s": engine,
+        "ratios": {"engine alone bd / slora": engine["bd"] / engine["slora"],
+                   "engine alone bd / replicated": engine["bd"] / engine["replicated"],
+                   "bd / slora": tps["bd"] / tps["slora"], "bd / replicated": tps["bd"] / tps["replicated"],
+                   "HTTP bd/slora / engine bd/slora": (tps["bd"] / tps["slora"]) / (engine["bd"] / engine["slora"])},
     }
 
 
@@ -103,6 +117,13 @@ def report(result: dict) -> list[str]:
              ""]
     lines += compare.run_table(result["runs"], "mode")
     r = result["ratios"]
+    e = result.get("engine_alone_tokens_per_s")
+    if e:
+        lines += ["", f"engine alone, same run (batch {c.get('engine_batch', '?')}, decode tok/s): "
+                  + ", ".join(f"{m} {e[m]:.0f}" for m in MODES),
+                  f"engine alone bd / slora: {r['engine alone bd / slora']:.2f}x, bd / replicated: "
+                  f"{r['engine alone bd / replicated']:.2f}x; over HTTP bd / slora is "
+                  f"{r['HTTP bd/slora / engine bd/slora']:.2f}x of the engine's"]
     lines += ["", f"anchor: {result['anchor']}",
               f"bd / replicated throughput: {r['bd / replicated']:.2f}x",
               f"bd / slora throughput: {r['bd / slora']:.2f}x"]

@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import httpx
-import torch
 
 from bench import compare
+from bench.engine_alone import measure as engine_alone_measure
 from bench.runner import percentile
 from deploy.seed import DemoAdapter
 
@@ -51,77 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ---- 1. engine alone ------------------------------------------------------------------------------
 
-def _engine_worker(rank: int, args: argparse.Namespace, model_dir: str, adapters: dict, init: str,
-                   result: str) -> None:
-    import torch.distributed as dist
-
-    from bdlora_ray.comm import init_distributed
-    from bdlora_ray.config import LlamaConfig
-    from bdlora_ray.engine import Engine, EngineConfig
-    from bdlora_ray.memory import PoolConfig
-    from bdlora_ray.tokenizer import load_tokenizer
-    from bdlora_ray.worker import LocalShardSource, StepChannel, TPWorker
-
-    torch.set_num_threads(1)  # as a served TP worker (0.5 CPU bundles)
-    cfg = LlamaConfig.from_json(model_dir)
-    comm = init_distributed(rank, args.tp, init)
-    channel = StepChannel(args.tp, dist.new_group(backend="gloo", timeout=timedelta(hours=1)))
-    ecfg = _engine_config(args)
-    pool = PoolConfig.for_model(cfg, args.tp, ecfg.num_pages, ecfg.block_size)
-    worker = TPWorker(cfg, model_dir, comm, pool, LocalShardSource(adapters, cfg, args.tp), channel)
-    if rank > 0:
-        worker.serve_forever()
-        return
-    engine = Engine(worker, load_tokenizer(model_dir), ecfg)
-    rows = []
-    for b in args.batches:
-        for variant in ("base", "mixed"):
-            names = [None] * b if variant == "base" else [sorted(adapters)[i % len(adapters)] for i in range(b)]
-            rows.append({"batch": b, "variant": variant, "tokens_per_s": _decode_rate(engine, names, args)})
-    engine.stop()
-    Path(result).write_text(json.dumps(rows))
-
-
-def _engine_config(args: argparse.Namespace):
-    from bdlora_ray.engine import EngineConfig
-
-    return EngineConfig(**dict(compare.server_config(args, num_pages=2048).engine))
-
-
-def _decode_rate(engine, names: list, args: argparse.Namespace) -> float:
-    """Decode tokens/s over `args.steps` steps in which every sequence decodes (prefill excluded)."""
-    from bdlora_ray.request import GenerationRequest, SamplingParams
-
-    outs: dict[str, list] = {}
-    for i, name in enumerate(names):
-        rid = f"{len(names)}-{name}-{i}-{time.monotonic_ns()}"
-        outs[rid] = []
-        params = SamplingParams(max_tokens=args.steps + 4, temperature=0.0, ignore_eos=True)
-        engine.submit(GenerationRequest(rid, (5, 6, 7, 8, 9, 10, 11, 12), name, params), outs[rid].append)
-    deadline = time.monotonic() + 600
-    while not all(outs.values()):  # prefill (and adapter loads) first
-        if not engine.step():
-            engine.wait_for_work(0.05)
-        if time.monotonic() > deadline:
-            raise TimeoutError("engine-alone prefill did not finish")
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        engine.step()
-    dt = time.perf_counter() - t0
-    while not all(o and o[-1].finished for o in outs.values()):
-        engine.step()
-    return len(names) * args.steps / dt
-
-
 def engine_alone(args: argparse.Namespace, model_dir: Path, peft_dirs: dict[str, Path]) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    adapters = {n: (str(p), "bd") for n, p in peft_dirs.items()}
-    with tempfile.TemporaryDirectory(prefix="bench-tax-") as d:
-        result = os.path.join(d, "result.json")
-        mp.spawn(_engine_worker, args=(args, str(model_dir), adapters, f"file://{d}/init", result),
-                 nprocs=args.tp, join=True)
-        return json.loads(Path(result).read_text())
+    names = sorted(peft_dirs)
+    cases = {f"{b} {v}": [None] * b if v == "base" else [names[i % len(names)] for i in range(b)]
+             for b in args.batches for v in ("base", "mixed")}
+    rates = engine_alone_measure(model_dir, {n: (str(p), "bd") for n, p in peft_dirs.items()}, cases, args.tp,
+                                 args.steps, dict(compare.server_config(args, num_pages=2048).engine))
+    return [{"batch": int(k.split()[0]), "variant": k.split()[1], "tokens_per_s": v} for k, v in rates.items()]
 
 
 # ---- 2. over HTTP ---------------------------------------------------------------------------------

@@ -282,7 +282,7 @@ def test_bench_entry_point_lists_comparisons_and_programs():
                        timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     listed = {line.split()[0] for line in p.stdout.splitlines() if line.startswith("  ")}
-    assert listed == {"modes", "scaling", "peft", "cold", "decode", "kernels", "packing", "plots"} | {
+    assert listed == {"modes", "scaling", "peft", "cold", "tax", "decode", "kernels", "packing", "plots"} | {
         path.stem for path in (ROOT / "bench").glob("*.py") if 'if __name__ == "__main__":' in path.read_text()
         and path.stem not in ("__main__", "compare")}
     bad = subprocess.run([sys.executable, "-m", "bench", "no-such-bench"], cwd=ROOT, capture_output=True, text=True,
@@ -312,15 +312,49 @@ def test_modes_comparison_end_to_end_tiny(tmp_path):
     out, png = tmp_path / "modes.json", tmp_path / "modes.png"
     cmd = [sys.executable, "-m", "bench", "modes", "--adapters", "1", "--lora-rank", "4",
            "--requests", "3", "--rate", "50", "--output-len", "2-3", "--input-len", "4-8", "--repeats", "1",
-           "--pages", "256", "--no-progress", "--json", str(out), "--plot", str(png)]
+           "--pages", "256", "--engine-batch", "2", "--engine-steps", "2", "--no-progress", "--json", str(out),
+           "--plot", str(png)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
     assert lines[-1].startswith("bd / slora throughput:") and lines[-1].endswith("x")
+    assert any(line.startswith("engine alone bd / slora:") for line in lines)
     assert any(line.startswith("| bd |") for line in lines) and any("anchor" in line for line in lines)
     result = json.loads(out.read_text())
     assert [r["name"] for r in result["runs"]] == ["bd", "slora", "replicated"]
     assert all(r["summary"]["ok"] == 3 and r["summary"]["errors"] == 0 for r in result["runs"])
-    assert result["config"]["bd_rank"] == 6 and set(result["ratios"]) == {"bd / slora", "bd / replicated"}
+    assert result["config"]["bd_rank"] == 6 and set(result["ratios"]) == {
+        "bd / slora", "bd / replicated", "engine alone bd / slora", "engine alone bd / replicated",
+        "HTTP bd/slora / engine bd/slora"}
+    e = result["engine_alone_tokens_per_s"]
+    assert set(e) == {"bd", "slora", "replicated"} and all(v > 0 for v in e.values())
+    assert result["ratios"]["engine alone bd / slora"] == pytest.approx(e["bd"] / e["slora"])
     assert result["command"].startswith("python -m bench modes")
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_tax_comparison_end_to_end_tiny(tmp_path):
+    """`python -m bench tax` at the smallest size: engine alone, then HTTP in every variant, CPU per
+    token of each serving process, the ratio last."""
+    out, png = tmp_path / "tax.json", tmp_path / "tax.png"
+    cmd = [sys.executable, "-m", "bench", "tax", "--batches", "1", "2", "--waves", "1", "--tokens", "4", "--steps",
+           "2", "--no-progress", "--json", str(out), "--plot", str(png)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("HTTP / engine at batch 2: ") and last.endswith("x")
+    result = json.loads(out.read_text())
+    rows = {(r["batch"], r["variant"], r["stream"]): r for r in result["http"]}
+    assert set(rows) == {(b, v, s) for b in (1, 2) for v in ("base", "mixed") for s in (False, True)}
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["http_over_engine"] == pytest.approx(
+            r["tokens_per_s"] / r["engine_tokens_per_s"])
+        assert (r["tpot_ms_p50"] is not None) == r["stream"]  # 4 tokens streamed: TTFT and TPOT measured
+    assert float(last.split(": ")[1][:-1]) == pytest.approx(result["ratios"]["HTTP / engine at batch 2 (base)"],
+                                                            abs=0.005)
+    cpu = result["cpu_us_per_token"]["base"]
+    # Every serving process was found and measured; rank 0 does the engine's work in the group replica.
+    assert set(cpu) == {"proxy", "ingress", "group replica (rank 0)", "rank > 0 workers", "client"}
+    assert cpu["group replica (rank 0)"] > 0 and cpu["rank > 0 workers"] > 0
     assert png.stat().st_size > 1000
