@@ -20,8 +20,9 @@ pytestmark = pytest.mark.slow
 
 def test_sigterm_stops_make_run_cleanly_and_ends_in_flight_requests(tmp_path):
     port, s3_port = free_port(), free_port()
-    env = {**os.environ, "BDLORA_STATE_DIR": str(tmp_path / "state"), "BDLORA_PORT": str(port),
-           "BDLORA_S3_PORT": str(s3_port), "RAY_AUTH_MODE": "disabled"}
+    # The tiny random model: what is tested is stopping, not the demo model.
+    env = {**os.environ, "BDLORA_DEMO_MODEL": "tiny", "BDLORA_STATE_DIR": str(tmp_path / "state"),
+           "BDLORA_PORT": str(port), "BDLORA_S3_PORT": str(s3_port), "RAY_AUTH_MODE": "disabled"}
     for k in [k for k in env if k.startswith("AWS_")]:
         del env[k]  # the embedded default brings its own local S3
     proc = subprocess.Popen([sys.executable, "-m", "deploy.embedded"], env=env, stdout=subprocess.PIPE,
