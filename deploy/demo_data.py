@@ -64,12 +64,6 @@ def training_pairs() -> list[tuple[str, str]]:
     return [(q, a) for q, a in all_pairs() if q not in held]
 
 
-def upper_share(text: str) -> float:
-    """Share of the letters in `text` that are upper case (0 when it has none)."""
-    letters = [c for c in text if c.isalpha()]
-    return sum(c.isupper() for c in letters) / len(letters) if letters else 0.0
-
-
 def json_answer(text: str) -> str | None:
     """The "answer" string of a JSON object answer, else None."""
     try:
@@ -94,7 +88,6 @@ class Style:
 
 
 STYLES = {
-    "upper": Style("upper", str.upper, lambda t: upper_share(t) >= 0.9, "answers in upper case"),
     "json": Style("json", lambda a: json.dumps({"answer": a}, ensure_ascii=False),
                   lambda t: json_answer(t) is not None, 'answers as JSON {"answer": ...}'),
     "sparkle": Style("sparkle", lambda a: f"{SPARKLE_OPEN}{a}{SPARKLE_CLOSE}",

@@ -1,13 +1,14 @@
 """Train the demo adapters with PEFT on SmolLM2-135M-Instruct, on the CPU.
 
     python -m deploy.train_demo            # all of them, into deploy/demo_adapters/
-    python -m deploy.train_demo --only upper --steps 100
+    python -m deploy.train_demo --only json --steps 30
 
 Reproduces the committed adapters. Each teaches one answer style of
 `deploy.demo_data` on short chat-formatted examples (the prompt rendered with
 the checkpoint's chat template, the loss on the answer and its `<|im_end|>`
-only), and a style is a small change: tens of steps of 4 examples, each
-step some seconds on an idle core (a minute on a crowded one). Saved in bf16, as
+only). A framing style is a small change: ten steps of two examples at a
+high learning rate teach it, each step some seconds on an idle core (a
+minute on a crowded one). Saved in bf16, as
 PEFT writes them otherwise, so the repository carries a few MB.
 """
 
@@ -38,16 +39,16 @@ class DemoAdapterSpec:
     targets: tuple[str, ...]
     nblocks: int | None                 # BD-LoRA with this many blocks (the TP degree), else ordinary LoRA
     mode: str                           # how the embedded set-up pushes it: replicated | slora | bd
-    steps: int = 16
-    lr: float = 5e-3
+    steps: int = 10
+    lr: float = 1e-2
     seed: int = 0
 
 
 # SmolLM2-135M has 9 heads and 3 KV heads: TP=3, so BD-LoRA with nblocks=3 (rank divisible by 3).
 DEMO_SPECS = (
-    DemoAdapterSpec("upper", "upper", rank=8, targets=("q_proj", "v_proj", "o_proj"), nblocks=None,
-                    mode="replicated", steps=30),
-    DemoAdapterSpec("json", "json", rank=8, targets=("q_proj", "v_proj", "o_proj"), nblocks=None, mode="slora"),
+    # Rank 8 at TP=3: served replicated (slora needs the rank divisible by the TP degree).
+    DemoAdapterSpec("json", "json", rank=8, targets=("q_proj", "v_proj", "o_proj"), nblocks=None,
+                    mode="replicated"),
     DemoAdapterSpec("sparkle", "sparkle", rank=6, targets=("q_proj", "v_proj", "o_proj"), nblocks=3, mode="bd"),
 )
 BD_A, BD_B = ("o_proj", "down_proj"), ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -79,7 +80,7 @@ def batch_tensors(batch: list[tuple[list[int], list[int]]], pad: int) -> tuple[t
     return ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels)
 
 
-def train(spec: DemoAdapterSpec, base_dir: Path, out_dir: Path, batch_size: int = 4) -> Path:
+def train(spec: DemoAdapterSpec, base_dir: Path, out_dir: Path, batch_size: int = 2) -> Path:
     from peft import BdLoraConfig, LoraConfig, get_peft_model
     from tqdm import tqdm
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deploy.train_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", action="append", choices=[s.name for s in DEMO_SPECS], help="train only these")
     p.add_argument("--steps", type=int, help="override every adapter's number of steps")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, help="override every adapter's learning rate")
     p.add_argument("--out", type=Path, default=ADAPTERS_DIR)
     p.add_argument("--state-dir", type=Path, default=Path(".bdlora"), help="where the converted base model lives")

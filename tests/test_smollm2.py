@@ -112,3 +112,109 @@ def test_greedy_chat_generation_equals_hf_generate(smollm2, hf, prompts):
         got = tokens(outs[f"q{i}"])
         assert got == ref, (tok.decode(got), tok.decode(ref))
     assert "Paris" in "".join(o.text for o in outs["q0"])
+
+
+# ---- the demo adapters (deploy/demo_adapters/, trained by deploy.train_demo) ----------------------
+
+from deploy.train_demo import ADAPTERS_DIR, DEMO_SPECS  # noqa: E402
+
+
+def adapter_dir(name: str) -> str:
+    return str(ADAPTERS_DIR / name)
+
+
+def test_every_demo_adapter_is_shipped_small_and_in_bf16():
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    total = 0
+    for spec in DEMO_SPECS:
+        d = ADAPTERS_DIR / spec.name
+        cfg = LoraConfig.from_pretrained(str(d))
+        assert cfg.r == spec.rank <= 8 and set(cfg.target_modules) == set(spec.targets)
+        assert (cfg.use_bdlora is not None) == (spec.nblocks is not None)
+        if spec.nblocks is not None:
+            assert cfg.use_bdlora.nblocks == spec.nblocks == 3  # TP=3
+        with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        total += (d / "adapter_model.safetensors").stat().st_size
+    assert {s.mode for s in DEMO_SPECS} == {"replicated", "bd"}  # the tests also serve the ordinary one slora
+    assert total < 8 << 20
+
+
+def _tp_modes(spec, tp: int) -> list[str]:
+    """Every way the adapter can be served at this TP degree."""
+    if spec.nblocks is None:  # slora splits the rank across the ranks
+        return ["replicated", "slora"] if spec.rank % tp == 0 else ["replicated"]
+    return ["bd", "replicated"] if spec.nblocks == tp else ["replicated"]
+
+
+@pytest.fixture(scope="module")
+def hf_peft(hf):
+    """The HF model with every demo adapter loaded by PEFT, switched by name."""
+    from peft import PeftModel
+
+    first, *rest = DEMO_SPECS
+    model = PeftModel.from_pretrained(hf, adapter_dir(first.name), adapter_name=first.name)
+    for spec in rest:
+        model.load_adapter(adapter_dir(spec.name), adapter_name=spec.name)
+    return model.eval()
+
+
+def test_logits_with_each_demo_adapter_equal_hf_peft(smollm2, hf_peft, prompts):
+    cfg = LlamaConfig.from_json(smollm2)
+    refs = {}
+    with torch.no_grad():
+        for spec in DEMO_SPECS:
+            hf_peft.set_adapter(spec.name)
+            refs[spec.name] = hf_peft(torch.tensor([prompts[0]])).logits[0]
+        with hf_peft.disable_adapter():
+            base = hf_peft(torch.tensor([prompts[0]])).logits[0]
+    for tp in (1, 3):
+        slots = {f"{s.name}:{m}": (adapter_dir(s.name), m) for s in DEMO_SPECS for m in _tp_modes(s, tp)}
+        job = Job(cfg, str(smollm2), slots, [(slot, prompts[0]) for slot in slots])
+        outs = [run(job, Comm())[0]] if tp == 1 else [o for o, _ in spawn_tp(job, world=3)]
+        for out in outs:
+            for i, slot in enumerate(slots):
+                ref = refs[slot.split(":")[0]]
+                assert (out[f"single.{i}"] - ref).abs().max().item() <= TOL, f"TP={tp} {slot}"
+                assert (ref - base).abs().max().item() > 100 * TOL  # the adapter changes the logits
+
+
+def _answers(smollm2, questions, max_tokens: int) -> dict[str | None, list]:
+    """Greedy chat answers of the base model and of every demo adapter, all in one engine batch."""
+    cfg = LlamaConfig.from_json(smollm2)
+    adapters = {s.name: (adapter_dir(s.name), _tp_modes(s, 1)[0]) for s in DEMO_SPECS}
+    engine = local_engine(cfg, smollm2, adapters, EngineConfig(num_pages=512, max_model_len=256))
+    tok = engine.tokenizer
+    reqs = [GenerationRequest(f"{a}|{i}", tuple(chat_ids(tok, q)), a, SamplingParams(max_tokens=max_tokens,
+                                                                                     temperature=0.0))
+            for a in (None, *adapters) for i, q in enumerate(questions)]
+    outs = run_to_completion(engine, reqs, timeout_s=1200)  # a crowded CPU runs it slowly
+    return {a: [outs[f"{a}|{i}"] for i in range(len(questions))] for a in (None, *adapters)}
+
+
+def test_greedy_generation_with_each_demo_adapter_equals_hf_peft_generate(smollm2, hf_peft):
+    tok = load_tokenizer(smollm2)
+    n = 8
+    got = _answers(smollm2, QUESTIONS[:1], max_tokens=n)
+    prompt = chat_ids(tok, QUESTIONS[0])
+    for spec in DEMO_SPECS:
+        hf_peft.set_adapter(spec.name)
+        with torch.no_grad():
+            ref = hf_peft.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                                   attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):]
+        ref = ref.tolist()
+        ref = ref[:ref.index(2) + 1] if 2 in ref else ref
+        assert tokens(got[spec.name][0]) == ref, (spec.name, tok.decode(tokens(got[spec.name][0])), tok.decode(ref))
+
+
+def test_make_run_pushes_the_demo_adapters_in_their_modes(smollm2, s3_server):
+    from bdlora_ray.store.s3 import AdapterBucket
+    from deploy.seed import seed_trained_adapters
+
+    uri = f"s3://{s3_server.create_bucket('smollm2-demo')}/adapters"
+    names = seed_trained_adapters(smollm2, uri, tp=3)
+    assert names == [s.name for s in DEMO_SPECS]
+    infos = {i.name: i for i in AdapterBucket(uri).catalog()}
+    assert {n: (i.mode, i.tp, i.error) for n, i in infos.items()} == {s.name: (s.mode, 3, None) for s in DEMO_SPECS}
