@@ -632,6 +632,9 @@ def test_served_requests_for_an_adapter_go_to_the_group_that_holds_it(served):
     for name in (f"aff-{i}" for i in range(4)):
         r = httpx.post(f"{url}/v1/adapters", json={"name": name}, timeout=120)
         assert r.status_code == 200, r.text
+        # The news travels replica -> controller -> ingress with nothing to observe it by; a request
+        # sent at once goes to the group with the fewest adapters, the other one. Give it a moment.
+        time.sleep(2.0)
         complete(name)  # makes it resident in the pool of the group that got it
         streak, deadline = 0, time.monotonic() + 60
         while streak < 5 and time.monotonic() < deadline:
