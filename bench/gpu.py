@@ -614,16 +614,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; known: {list(SECTIONS)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as d:
-        sections = {n: run_section(n, plan, Path(d)) for n in names}
     import triton
 
+    t0 = time.perf_counter()
+    sections: dict[str, dict] = {}
     report = {"meta": {"dry_run": args.dry_run, "plan": asdict(plan), "torch": torch.__version__,
-                       "triton": triton.__version__, "total_s": time.perf_counter() - t0,
+                       "triton": triton.__version__, "total_s": 0.0,
                        "device": torch.cuda.get_device_name() if plan.device == "cuda" else "cpu",
                        "command": "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])},
               "sections": sections}
+    with tempfile.TemporaryDirectory() as d:
+        for n in names:  # the report is rewritten after each section: a run cut off keeps what it measured
+            sections[n] = run_section(n, plan, Path(d))
+            report["meta"]["total_s"] = time.perf_counter() - t0
+            (args.out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
     if sections.get("kernel_sweep", {}).get("rows"):  # the TP=8 projection with this run's measured parts
         from bench.projection import project
 
