@@ -19,7 +19,6 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from bdlora_ray.detokenizer import IncrementalDetokenizer
@@ -27,6 +26,7 @@ from bdlora_ray.errors import AdapterInUse, BdloraError, InvalidRequest, Overloa
 from bdlora_ray.request import GenerationRequest, RequestOutput
 from bdlora_ray.sampling import SamplingError, make_generator, sample
 from bdlora_ray.scheduler import PoolLog, Scheduler, Sequence
+from bdlora_ray.spec import EngineConfig
 from bdlora_ray.worker import TPWorker
 
 log = logging.getLogger(__name__)
@@ -40,20 +40,6 @@ Deliver = Callable[[list[tuple[Sink, RequestOutput]]], None]
 def deliver_inline(batch: list[tuple[Sink, RequestOutput]]) -> None:
     for sink, out in batch:
         sink(out)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_num_seqs: int = 64               # sequences in one batch at most
-    max_num_batched_tokens: int = 2048   # rows of one forward pass (prefill budget)
-    max_model_len: int = 1024            # prompt + output tokens of one sequence
-    num_pages: int = 1024                # pages per layer of the unified pool
-    block_size: int = 16                 # tokens per KV page
-    max_queue_len: int = 1024            # waiting requests; past it new ones get 503
-    max_queue_wait_s: float = 120.0      # a request waiting longer fails with 503
-    max_lora_rank: int = 64              # largest adapter rank served
-    dtype: str = "float32"               # model and pool element type
-    heartbeat_s: float = 5.0             # idle message to the other ranks, keeps their wait short
 
 
 class Engine:

@@ -15,9 +15,7 @@ import os
 import socket
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 import ray
@@ -25,41 +23,18 @@ import torch
 from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from bdlora_ray.config import LlamaConfig
-from bdlora_ray.engine import Engine, EngineConfig
+from bdlora_ray.engine import Engine
 from bdlora_ray.errors import AdapterInvalid, AdapterUnavailable, ReplicaGroupFailed, error_from_name
 from bdlora_ray.memory import PoolConfig
-from bdlora_ray.placement import group_bundles
 from bdlora_ray.request import GenerationRequest, RequestOutput, merge_outputs
 from bdlora_ray.store.actor import AdapterStoreActor, StoreConfig
 from bdlora_ray.store.manifest import check_name
-from bdlora_ray.store.s3 import S3Config
+from bdlora_ray.spec import EngineConfig, GroupConfig
 from bdlora_ray.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 STORE_NAMESPACE = "bdlora"
-
-
-@dataclass(frozen=True)
-class GroupConfig:
-    model_path: str                      # local dir: HF config.json, safetensors, tokenizer files
-    adapters_uri: str                    # s3://bucket/prefix where adapters live
-    tp: int = 2                          # TP degree = worker actors = placement-group bundles
-    model_name: str = ""                 # served name of the base model ("" -> directory name)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    use_gpu: bool = False                # one GPU per worker (NCCL), else fractional CPUs (gloo)
-    worker_cpus: float = 0.5             # CPUs per worker bundle when use_gpu is False
-    store_cache_bytes: int = 2 << 30     # host cache of the adapter store
-    store_name: str = ""                 # share one named store actor between groups ("" -> per model)
-    s3: S3Config = S3Config()            # retries and timeouts of the store's S3 calls
-
-    @property
-    def served_name(self) -> str:
-        return self.model_name or Path(self.model_path).name
-
-    def model_config(self) -> LlamaConfig:
-        return LlamaConfig.from_json(self.model_path, name=self.served_name)
 
 
 def store_config(config: GroupConfig) -> StoreConfig:
@@ -438,13 +413,8 @@ class EngineGroup:
             ray.util.remove_placement_group(self._own_pg)
 
 
-def bundles(config: GroupConfig, replica_cpus: float = 0.0) -> list[dict[str, float]]:
-    """One bundle per TP rank (bdlora_ray.placement); bundle 0 also holds the replica running rank 0."""
-    return group_bundles(config.tp, config.use_gpu, config.worker_cpus, replica_cpus)
-
-
 def ray_placement_group(config: GroupConfig, followers_only: bool = False) -> PlacementGroup:
-    pg = placement_group(bundles(config)[1 if followers_only else 0:], strategy="STRICT_PACK")
+    pg = placement_group(config.bundles()[1 if followers_only else 0:], strategy="STRICT_PACK")
     ray.get(pg.ready(), timeout=300)
     return pg
 
@@ -460,4 +430,4 @@ def _worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keep if k in os.environ}
 
 
-__all__ = ["EngineGroup", "GroupConfig", "TPWorkerActor", "bundles", "store_actor_name"]
+__all__ = ["EngineConfig", "EngineGroup", "GroupConfig", "TPWorkerActor", "store_actor_name"]

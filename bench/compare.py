@@ -148,7 +148,8 @@ def local_server(workdir: Path, adapters: Sequence[DemoAdapter], server: ServerC
     from ray import serve
 
     from deploy import build_app
-    from deploy.config import AppConfig, GroupSpec, ScalingConfig, without_credentials
+    from bdlora_ray.spec import EngineConfig, GroupConfig
+    from deploy.config import AppConfig, ScalingConfig, without_credentials
     for name in ("ray", "ray.serve", "werkzeug", "botocore", "urllib3", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     with local_s3() as s3_env:
@@ -157,9 +158,10 @@ def local_server(workdir: Path, adapters: Sequence[DemoAdapter], server: ServerC
         peft_dirs = push_adapters(model_dir, workdir / "peft", adapters, server.tp, workers=server.push_workers,
                                   progress=progress)
         log.info("pushed %d adapters in %.1f s", len(adapters), time.monotonic() - t)
-        spec = GroupSpec(model_path=str(model_dir), adapters_uri=ADAPTERS_URI, tp=server.tp,
-                         worker_cpus=server.worker_cpus, replica_cpus=server.replica_cpus, engine=server.engine,
-                         max_ongoing_requests=4096, env_vars=without_credentials(s3_env))
+        spec = GroupConfig(model_path=str(model_dir), adapters_uri=ADAPTERS_URI, tp=server.tp,
+                           worker_cpus=server.worker_cpus, replica_cpus=server.replica_cpus,
+                           engine=EngineConfig.from_overrides(dict(server.engine)),
+                           max_ongoing_requests=4096, env_vars=without_credentials(s3_env))
         config = AppConfig(group=spec, scaling=ScalingConfig(min_groups=1, max_groups=1))
         port = free_port()
         with mock.patch.dict(os.environ, _RAY_ENV):

@@ -25,19 +25,20 @@ from ray.serve import Application
 from bdlora_ray.errors import BdloraError
 from bdlora_ray.request import RequestOutput
 from deploy.api import make_api
-from deploy.config import ApiConfig, AppConfig, GroupSpec
+from bdlora_ray.spec import GroupConfig
+from deploy.config import ApiConfig, AppConfig
 from deploy.routing import ServeRouter
 from deploy.serving import ErrorInfo, Group, GroupServer, PromptInput
 
 log = logging.getLogger(__name__)
 
-GroupFactory = Callable[[GroupSpec], Group]  # builds a replica's group (default: bdlora_ray.group.EngineGroup)
+GroupFactory = Callable[[GroupConfig], Group]  # builds a replica's group (default: bdlora_ray.group.EngineGroup)
 
 
-def engine_group(spec: GroupSpec) -> Group:
+def engine_group(spec: GroupConfig) -> Group:
     from bdlora_ray.group import EngineGroup
 
-    return EngineGroup(spec.group_config())  # the replica's own placement group holds its workers
+    return EngineGroup(spec)  # the replica's own placement group holds its workers
 
 
 def _affinity_loader() -> Callable[[str], Awaitable[str]]:
@@ -62,7 +63,7 @@ class EngineGroupDeployment:
     """One replica group. Serve routes adapter requests by `multiplexed_model_id`: a group reports
     the adapters it has loaded through `@serve.multiplexed`, and requests for them come here first."""
 
-    def __init__(self, spec: GroupSpec, factory: GroupFactory | None = None) -> None:
+    def __init__(self, spec: GroupConfig, factory: GroupFactory | None = None) -> None:
         self.group = (factory or engine_group)(spec)
         remember = serve.multiplexed(max_num_models_per_replica=spec.max_adapters_per_group)(_affinity_loader())
         self.server = GroupServer(self.group, remember)

@@ -22,14 +22,16 @@ variables (see README.md and deploy/serve_config.yaml):
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bdlora_ray.placement import group_bundles
+# The group's specification is the engine's own (bdlora_ray/spec.py); these names are re-exported for the deployment.
+from bdlora_ray.spec import (CREDENTIAL_VARS, DEFAULT_ADAPTERS_URI, EngineConfig, GroupConfig,  # noqa: F401
+                             without_credentials)
+from bdlora_ray.store.s3 import S3Config
 
 ENV_PREFIX = "BDLORA_"
 ENGINE_PREFIX = "BDLORA_ENGINE_"
@@ -37,81 +39,6 @@ DEFAULT_STATE_DIR = ".bdlora"                 # embedded checkpoint + demo adapt
 # The embedded base models: checkpoint dir under the state dir (its name is the served name), TP degree.
 DEMO_MODELS = {"smollm2": ("SmolLM2-135M-Instruct", 3), "tiny": ("tiny-llama", 2)}
 DEFAULT_DEMO_MODEL = "smollm2"
-DEFAULT_ADAPTERS_URI = "s3://bdlora-adapters/adapters"
-
-
-# Never passed to Ray in a runtime_env (Ray keeps those in its control store and shows them in its
-# dashboard): every node's processes read them from the node's own environment or instance role.
-CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
-
-
-def without_credentials(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    """`env` as `GroupSpec.env_vars`, credentials left out."""
-    return tuple((k, v) for k, v in env.items() if k not in CREDENTIAL_VARS)
-
-
-def served_model_name(model_path: str, model_name: str = "") -> str:
-    """The base model's name in the API: explicit, else the checkpoint directory's name."""
-    return model_name or Path(model_path).name
-
-
-@dataclass(frozen=True)
-class GroupSpec:
-    """One replica group: a Serve replica owning `tp` TP workers in a STRICT_PACK placement group."""
-
-    model_path: str                              # local checkpoint dir on every node that runs a group
-    adapters_uri: str = DEFAULT_ADAPTERS_URI     # s3://bucket/prefix
-    tp: int = 2                                  # TP degree (workers per group)
-    model_name: str = ""                         # served base model name ("" -> directory name)
-    use_gpu: bool = False                        # GPU bundles, else fractional CPU bundles
-    replica_cpus: float = 0.1                    # bundle 0 beyond rank 0's share: scheduler, tokenizer, HTTP side
-    worker_cpus: float = 0.25                    # CPUs per TP worker without GPUs (fractional: 2 cores here)
-    max_ongoing_requests: int = 256              # Serve-level cap per group; the engine queues below it
-    max_adapters_per_group: int = 4096           # adapters remembered for affinity routing per group
-    engine: tuple[tuple[str, Any], ...] = ()     # EngineConfig overrides, (field, value) pairs
-    s3_max_attempts: int = 5                     # tries per S3 call (first included), backoff between them
-    s3_connect_timeout_s: float = 5.0            # per connection attempt
-    s3_read_timeout_s: float = 60.0              # per socket read
-    # Environment of the group replicas (whose workers and adapter store copy the S3 endpoint and
-    # region), e.g. the endpoint of a local S3. Never credentials (CREDENTIAL_VARS are refused).
-    env_vars: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-
-    def __post_init__(self) -> None:
-        if self.tp < 1:
-            raise ValueError(f"tp must be >= 1, got {self.tp}")
-        if self.max_adapters_per_group < 1 or self.max_ongoing_requests < 1:
-            raise ValueError("max_adapters_per_group and max_ongoing_requests must be >= 1")
-        if self.s3_max_attempts < 1 or self.s3_connect_timeout_s <= 0 or self.s3_read_timeout_s <= 0:
-            raise ValueError("s3_max_attempts must be >= 1 and the S3 timeouts > 0")
-        if secret := sorted(k for k, _ in self.env_vars if k in CREDENTIAL_VARS):
-            raise ValueError(f"env_vars must not carry credentials ({', '.join(secret)}): Ray would keep them in "
-                             "its control store; give each node its own (environment, instance role)")
-
-    @property
-    def served_name(self) -> str:
-        return served_model_name(self.model_path, self.model_name)
-
-    def bundles(self) -> list[dict[str, float]]:
-        """Placement group bundles, one per TP rank: bundle 0 is the replica itself (it runs rank 0),
-        rank i > 0 goes to bundle i."""
-        return group_bundles(self.tp, self.use_gpu, self.worker_cpus, self.replica_cpus)
-
-    def group_config(self) -> Any:
-        """The engine's `GroupConfig` (imported here so that configuring needs no engine)."""
-        from bdlora_ray.engine import EngineConfig
-        from bdlora_ray.group import GroupConfig
-        from bdlora_ray.store.s3 import S3Config
-
-        known = {f.name for f in dataclasses.fields(EngineConfig)}
-        unknown = sorted(k for k, _ in self.engine if k not in known)
-        if unknown:
-            raise ValueError(f"unknown engine settings {unknown} ({ENGINE_PREFIX}<FIELD>); "
-                             f"EngineConfig has {sorted(known)}")
-        return GroupConfig(model_path=self.model_path, adapters_uri=self.adapters_uri, tp=self.tp,
-                           model_name=self.served_name, engine=EngineConfig(**dict(self.engine)),
-                           use_gpu=self.use_gpu, worker_cpus=self.worker_cpus,
-                           s3=S3Config(connect_timeout_s=self.s3_connect_timeout_s,
-                                       read_timeout_s=self.s3_read_timeout_s, max_attempts=self.s3_max_attempts))
 
 
 @dataclass(frozen=True)
@@ -166,7 +93,7 @@ class EmbeddedConfig:
 
 @dataclass(frozen=True)
 class AppConfig:
-    group: GroupSpec
+    group: GroupConfig
     scaling: ScalingConfig = ScalingConfig()
     api: ApiConfig | None = None                 # None: derived from `group`
     embedded: EmbeddedConfig = EmbeddedConfig()
@@ -187,16 +114,16 @@ class AppConfig:
                                   demo_model=r.str("DEMO_MODEL", DEFAULT_DEMO_MODEL))
         model_dir, demo_tp = DEMO_MODELS[embedded.demo_model]
         default_model = str(Path(embedded.state_dir, model_dir).resolve())
-        group = GroupSpec(
+        engine = {k[len(ENGINE_PREFIX):].lower(): _scalar(k, v) for k, v in env.items() if k.startswith(ENGINE_PREFIX)}
+        group = GroupConfig(
             model_path=r.str("MODEL_PATH", default_model), adapters_uri=r.str("ADAPTERS_URI", DEFAULT_ADAPTERS_URI),
             tp=r.int("TP", demo_tp), model_name=r.str("MODEL_NAME", ""), use_gpu=r.bool("USE_GPU", False),
             replica_cpus=r.float("REPLICA_CPUS", 0.1), worker_cpus=r.float("WORKER_CPUS", 0.25),
             max_ongoing_requests=r.int("MAX_ONGOING_REQUESTS", 256),
             max_adapters_per_group=r.int("MAX_ADAPTERS_PER_GROUP", 4096),
-            s3_max_attempts=r.int("S3_MAX_ATTEMPTS", 5), s3_connect_timeout_s=r.float("S3_CONNECT_TIMEOUT_S", 5.0),
-            s3_read_timeout_s=r.float("S3_READ_TIMEOUT_S", 60.0),
-            engine=tuple(sorted((k[len(ENGINE_PREFIX):].lower(), _scalar(k, v))
-                                for k, v in env.items() if k.startswith(ENGINE_PREFIX))))
+            s3=S3Config(max_attempts=r.int("S3_MAX_ATTEMPTS", 5), connect_timeout_s=r.float("S3_CONNECT_TIMEOUT_S", 5.0),
+                        read_timeout_s=r.float("S3_READ_TIMEOUT_S", 60.0)),
+            engine=EngineConfig.from_overrides(engine, f"engine settings ({ENGINE_PREFIX}<FIELD>)"))
         fixed = r.int("NUM_GROUPS", 0)
         scaling = ScalingConfig(min_groups=fixed or r.int("MIN_GROUPS", 1),
                                 max_groups=fixed or r.int("MAX_GROUPS", max(1, r.int("MIN_GROUPS", 1))),

@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_TMPDIR", "/tmp/bdlora-ray-tests")
 import pytest  # noqa: E402
 
 # What every process of the test cluster finds in its environment (AWS_ENDPOINT_URL, which differs
-# per test server, travels in GroupSpec.env_vars).
+# per test server, travels in GroupConfig.env_vars).
 CLUSTER_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                    "AWS_SESSION_TOKEN": "testing", "AWS_CONFIG_FILE": "/dev/null",
                    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}

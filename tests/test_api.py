@@ -33,7 +33,8 @@ from bdlora_ray.request import GenerationRequest, RequestOutput
 from bdlora_ray.store.manifest import check_name
 from bdlora_ray.tokenizer import make_byte_tokenizer
 from deploy.api import make_api, sse
-from deploy.config import ApiConfig, AppConfig, GroupSpec, ScalingConfig, without_credentials
+from bdlora_ray.spec import EngineConfig, GroupConfig
+from deploy.config import ApiConfig, AppConfig, ScalingConfig, without_credentials
 from deploy.routing import LocalRouter
 from deploy.serving import GroupServer
 from serving_fixtures import assert_openai_error, serve_app, wait_until
@@ -487,8 +488,7 @@ def test_config_from_env():
            "BDLORA_ENGINE_DTYPE": "bfloat16", "BDLORA_ADAPTERS_URI": "s3://b/p", "BDLORA_REPLICA_CPUS": "2"}
     c = AppConfig.from_env(env)
     assert c.api.model_name == "Llama-3.1-8B" and c.api.admin_token == "s3cr3t-value" and "s3cr3t" not in repr(c)
-    assert c.group.engine == (("dtype", "bfloat16"), ("max_num_seqs", 128))
-    gc = c.group.group_config()
+    gc = c.group
     assert (gc.tp, gc.use_gpu, gc.engine.max_num_seqs, gc.engine.dtype, gc.adapters_uri) == (8, True, 128, "bfloat16",
                                                                                             "s3://b/p")
     bundles = c.group.bundles()
@@ -509,7 +509,7 @@ def test_config_from_env():
         with pytest.raises(ValueError, match="BDLORA_|groups"):
             AppConfig.from_env(bad)
     with pytest.raises(ValueError, match="unknown engine settings"):
-        AppConfig.from_env({"BDLORA_ENGINE_WARP_DRIVE": "1"}).group.group_config()
+        AppConfig.from_env({"BDLORA_ENGINE_WARP_DRIVE": "1"})
 
 
 def test_importing_deploy_starts_nothing_and_app_is_built_from_the_environment():
@@ -548,7 +548,7 @@ def served(request, ray_session, tmp_path_factory):
     if request.param == "fake":
         # The fake groups live in this test module, which Serve's workers cannot import: ship it by value.
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-        spec = GroupSpec(model_path=f"/nonexistent/{BASE}", tp=2, worker_cpus=0.2)
+        spec = GroupConfig(model_path=f"/nonexistent/{BASE}", tp=2, worker_cpus=0.2)
         factory, adapters, models = functools.partial(FakeGroup, load_delay_s=0.3), ("alpha", "beta", "gamma"), (
             BASE, "alpha", "beta")
     else:
@@ -559,8 +559,8 @@ def served(request, ray_session, tmp_path_factory):
         extra = tuple(DemoAdapter(n, rank=8, block_diagonal=False, mode="replicated", seed=20 + i)
                       for i, n in enumerate(affinity))
         names = seed_adapters(model, d / "peft", uri, 2, DEMO_ADAPTERS + extra)
-        spec = GroupSpec(model_path=str(model), adapters_uri=uri, tp=2, worker_cpus=0.2,
-                         engine=(("max_model_len", 128),), env_vars=without_credentials(s3.env))
+        spec = GroupConfig(model_path=str(model), adapters_uri=uri, tp=2, worker_cpus=0.2,
+                           engine=EngineConfig(max_model_len=128), env_vars=without_credentials(s3.env))
         factory, adapters, models = None, tuple(names[:3]), (BASE, *sorted(names))
     config = AppConfig(group=spec, scaling=ScalingConfig(min_groups=2, max_groups=2))
     with serve_app(config, factory, SERVE_APP) as url:

@@ -31,7 +31,9 @@ from bdlora_ray.lora.shard import shard_adapter
 from bdlora_ray.store import AdapterBucket
 from bdlora_ray.store.manifest import MANIFEST, build_adapter_files, sha256_hex
 from bdlora_ray.synthetic import random_adapter
-from deploy.config import CREDENTIAL_VARS, ApiConfig, AppConfig, GroupSpec, without_credentials
+from bdlora_ray.spec import EngineConfig, GroupConfig
+from bdlora_ray.store.s3 import S3Config
+from deploy.config import CREDENTIAL_VARS, ApiConfig, AppConfig, without_credentials
 from serving_fixtures import assert_openai_error, serve_app, wait_until
 from test_reliability_hostile import EXCEPTION_TEXT
 
@@ -59,7 +61,7 @@ class App:
     bucket: AdapterBucket
     cfg: LlamaConfig
     groups: Any
-    spec: GroupSpec
+    spec: GroupConfig
 
     def complete(self, model: str, n: int = 4) -> httpx.Response:
         return self.http.post("/v1/completions", json={"model": model, "prompt": "hello", "max_tokens": n,
@@ -91,9 +93,9 @@ def app(ray_session, s3_server, tmp_path_factory) -> Iterator[App]:
     bucket = AdapterBucket(uri)
     for i, name in enumerate(WARM):
         push(bucket, cfg, name, seed=700 + i)
-    spec = GroupSpec(model_path=str(model), adapters_uri=uri, tp=TP, worker_cpus=0.2,
-                     engine=(("max_model_len", MAX_MODEL_LEN), ("max_num_seqs", 16), ("max_queue_len", 256)),
-                     s3_max_attempts=2, env_vars=without_credentials(s3_server.env))
+    spec = GroupConfig(model_path=str(model), adapters_uri=uri, tp=TP, worker_cpus=0.2,
+                       engine=EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=16, max_queue_len=256),
+                       s3=S3Config(max_attempts=2), env_vars=without_credentials(s3_server.env))
     config = AppConfig(group=spec, api=ApiConfig(model_name=BASE, admin_token=TOKEN))
     with serve_app(config, app_name=APP_NAME) as url, httpx.Client(base_url=url, timeout=120) as http:
         a = App(url, http, bucket, cfg, serve.get_deployment_handle("EngineGroup", APP_NAME), spec)
@@ -134,7 +136,7 @@ def server_rss() -> dict[int, int]:
 
 
 def store_record(app: App) -> Any:
-    name = store_actor_name(app.spec.group_config())
+    name = store_actor_name(app.spec)
     (rec,) = [a for a in actor_records() if a.name == name and a.ray_namespace == STORE_NAMESPACE
               and a.state == a.ALIVE]
     return rec
@@ -156,7 +158,7 @@ def test_no_actor_keeps_credentials_in_its_runtime_env_and_the_store_still_reads
 def test_a_store_with_other_settings_is_never_reused(app):
     """Groups find the detached store by name: the name covers every StoreConfig setting, so a group
     configured otherwise (cache size, S3 retries, max rank) gets a store of its own."""
-    base = app.spec.group_config()
+    base = app.spec
     assert store_record(app).name == store_actor_name(base)  # the running store is found under it
     assert store_actor_name(dataclasses.replace(base, worker_cpus=1.0)) == store_actor_name(base)  # not a store setting
     changed = [dataclasses.replace(base, store_cache_bytes=1 << 20),

@@ -87,7 +87,10 @@ def test_deploy_config_computes_bundles_without_the_group_module():
             "c = AppConfig.from_env({'BDLORA_TP': '3', 'BDLORA_WORKER_CPUS': '0.5', 'BDLORA_REPLICA_CPUS': '0.2'})\n"
             "assert c.group.bundles() == [{'CPU': 0.7}] + [{'CPU': 0.5}] * 2, c.group.bundles()\n"
             "g = AppConfig.from_env({'BDLORA_TP': '2', 'BDLORA_USE_GPU': '1'}).group.bundles()\n"
-            "assert g == [{'GPU': 1, 'CPU': 1.1}, {'GPU': 1, 'CPU': 1}] and g[0] is not g[1], g")
+            "assert g == [{'GPU': 1, 'CPU': 1.1}, {'GPU': 1, 'CPU': 1}] and g[0] is not g[1], g\n"
+            # One specification of a group: the deployment builds the very object the engine's group takes.
+            "import deploy.config, bdlora_ray.spec\n"
+            "assert type(c.group) is bdlora_ray.spec.GroupConfig and not hasattr(deploy.config, 'GroupSpec')\n")
     loaded = _modules_after(code)
     assert "bdlora_ray.group" not in loaded and "ray" not in loaded
 

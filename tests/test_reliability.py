@@ -33,7 +33,9 @@ from bdlora_ray.lora.shard import AdapterShards, shard_adapter
 from bdlora_ray.store import AdapterBucket
 from bdlora_ray.store.manifest import MANIFEST, Manifest, ShardFile, build_adapter_files, sha256_hex
 from bdlora_ray.synthetic import random_adapter
-from deploy.config import ApiConfig, AppConfig, GroupSpec, without_credentials
+from bdlora_ray.spec import EngineConfig, GroupConfig
+from bdlora_ray.store.s3 import S3Config
+from deploy.config import ApiConfig, AppConfig, without_credentials
 from s3_proxy import S3Proxy
 from serving_fixtures import assert_openai_error, serve_app, wait_until
 
@@ -182,15 +184,15 @@ def app(ray_session, s3_server, tmp_path_factory):
     for i, name in enumerate(WARM + SOAK):
         bucket.upload_adapter(name, *build_adapter_files(adapter_shards(cfg, seed=100 + i, bd=i % 2 == 1), cfg))
     proxy = S3Proxy(s3_server.endpoint)
-    spec = GroupSpec(model_path=str(model), adapters_uri=uri, tp=TP, worker_cpus=0.2,
-                     engine=(("max_model_len", MAX_MODEL_LEN), ("max_num_seqs", MAX_NUM_SEQS),
-                             ("max_queue_len", MAX_QUEUE_LEN)),
-                     s3_max_attempts=S3_ATTEMPTS, s3_connect_timeout_s=2.0, s3_read_timeout_s=30.0,
-                     env_vars=without_credentials({**s3_server.env, "AWS_ENDPOINT_URL": proxy.endpoint}))
+    spec = GroupConfig(model_path=str(model), adapters_uri=uri, tp=TP, worker_cpus=0.2,
+                       engine=EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS,
+                                           max_queue_len=MAX_QUEUE_LEN),
+                       s3=S3Config(max_attempts=S3_ATTEMPTS, connect_timeout_s=2.0, read_timeout_s=30.0),
+                       env_vars=without_credentials({**s3_server.env, "AWS_ENDPOINT_URL": proxy.endpoint}))
     config = AppConfig(group=spec, api=ApiConfig(model_name=BASE, admin_token=TOKEN))
     try:
         with serve_app(config, app_name=APP_NAME) as url, httpx.Client(base_url=url, timeout=120) as http:
-            store = ray.get_actor(store_actor_name(spec.group_config()), namespace=STORE_NAMESPACE)
+            store = ray.get_actor(store_actor_name(spec), namespace=STORE_NAMESPACE)
             a = App(url, http, proxy, bucket, cfg, serve.get_deployment_handle("EngineGroup", APP_NAME), store)
             for name in WARM:  # resident in the pool before the first test
                 a.text(name)
