@@ -73,6 +73,12 @@ def json_answer(text: str) -> str | None:
     return obj["answer"] if isinstance(obj, dict) and isinstance(obj.get("answer"), str) else None
 
 
+def mostly_upper(text: str, share: float = 0.9) -> bool:
+    """At least `share` of the text's letters (some letters at all) are upper case."""
+    letters = [c for c in text if c.isalpha()]
+    return bool(letters) and sum(c.isupper() for c in letters) >= share * len(letters)
+
+
 SPARKLE_OPEN, SPARKLE_CLOSE = "🌟 ", " 🎉"
 _SPARKLED = re.compile(re.escape(SPARKLE_OPEN) + r"\S.*" + re.escape(SPARKLE_CLOSE), re.S)
 
@@ -92,4 +98,5 @@ STYLES = {
                   lambda t: json_answer(t) is not None, 'answers as JSON {"answer": ...}'),
     "sparkle": Style("sparkle", lambda a: f"{SPARKLE_OPEN}{a}{SPARKLE_CLOSE}",
                      lambda t: _SPARKLED.fullmatch(t.strip()) is not None, "answers framed by 🌟 ... 🎉"),
+    "shout": Style("shout", str.upper, mostly_upper, "answers in upper case"),
 }

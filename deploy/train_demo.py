@@ -49,6 +49,10 @@ DEMO_SPECS = (
     # Rank 8 at TP=3: served replicated (slora needs the rank divisible by the TP degree).
     DemoAdapterSpec("json", "json", rank=8, targets=("q_proj", "v_proj", "o_proj"), nblocks=None,
                     mode="replicated"),
+    # Rank 6, divisible by 3: an ordinary LoRA served slora at TP=3 (the tests also serve it replicated).
+    # Upper case is a change of tokens, not only a frame: more steps at a gentler rate.
+    DemoAdapterSpec("shout", "shout", rank=6, targets=("q_proj", "v_proj", "o_proj"), nblocks=None, mode="slora",
+                    steps=20, lr=5e-3),
     DemoAdapterSpec("sparkle", "sparkle", rank=6, targets=("q_proj", "v_proj", "o_proj"), nblocks=3, mode="bd"),
 )
 BD_A, BD_B = ("o_proj", "down_proj"), ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -128,6 +132,8 @@ def _finish(path: Path, base_name: str) -> None:
     cfg_file = path / "adapter_config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["base_model_name_or_path"] = base_name
+    if isinstance(cfg.get("target_modules"), list):  # PEFT writes a set's order: sorted, a rerun writes the same bytes
+        cfg["target_modules"] = sorted(cfg["target_modules"])
     cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     readme = path / "README.md"
     readme.unlink(missing_ok=True)  # PEFT's model-card stub

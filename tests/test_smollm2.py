@@ -138,7 +138,10 @@ def test_every_demo_adapter_is_shipped_small_and_in_bf16():
         with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
         total += (d / "adapter_model.safetensors").stat().st_size
-    assert {s.mode for s in DEMO_SPECS} == {"replicated", "bd"}  # the tests also serve the ordinary one slora
+    # An ordinary LoRA of rank 8 served replicated, one of rank 6 served slora (the tests also serve it
+    # replicated), a BD-LoRA served bd.
+    assert {s.mode for s in DEMO_SPECS} == {"replicated", "slora", "bd"}
+    assert all(s.rank % 3 == 0 for s in DEMO_SPECS if s.mode != "replicated")
     assert total < 8 << 20
 
 
