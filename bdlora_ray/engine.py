@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 from bdlora_ray.detokenizer import IncrementalDetokenizer
 from bdlora_ray.errors import AdapterInUse, BdloraError, InvalidRequest, Overloaded, PoolExhausted, ReplicaGroupFailed
-from bdlora_ray.request import GenerationRequest, RequestOutput
+from bdlora_ray.guided import GrammarCompiler
+from bdlora_ray.request import GenerationRequest, RequestOutput, TokenLogprob
 from bdlora_ray.sampling import SamplingError, make_generator, sample
 from bdlora_ray.scheduler import PoolLog, Scheduler, Sequence
 from bdlora_ray.spec import EngineConfig
@@ -64,6 +65,8 @@ class Engine:
         self._ids = itertools.count()
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = set(worker.cfg.eos_token_id) | ({eos} if eos is not None else set())
+        self._grammars = GrammarCompiler(tokenizer, worker.cfg.vocab_size, self.eos_ids)  # xgrammar at first use
+        self._guides: dict[str, Any] = {}      # request id -> its grammar matcher (structured output)
         self.steps = 0
         self.counters: Counter[str] = Counter()
         self.per_adapter: Counter[str] = Counter()
@@ -92,10 +95,13 @@ class Engine:
         vocab = self.worker.cfg.vocab_size
         if any(not 0 <= t < vocab for t in req.prompt_ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        if any(t >= vocab for t, _ in req.params.logit_bias):
+            raise InvalidRequest(f"logit_bias: token ids must be in [0, {vocab})")
+        grammar = self._grammars.compile(req.params.guide) if req.params.guide is not None else None
         if len(self.scheduler.waiting) + self._inbox.qsize() >= self.config.max_queue_len:
             self.counters["rejected_overload"] += 1
             raise Overloaded(f"queue full ({self.config.max_queue_len} waiting)")
-        self._inbox.put(("submit", req, sink))
+        self._inbox.put(("submit", req, sink, grammar))
         self._wake.set()
         if self.dead is not None:  # died meanwhile: the loop will not drain the inbox again
             self._drain_refused(ReplicaGroupFailed(f"replica group failed: {self.dead!r}"))
@@ -211,15 +217,18 @@ class Engine:
         self._send(msg)
         logits = self.worker.execute(msg)
         self.steps += 1
-        tokens = sample(logits, [s.req.params for s in sched.seqs], [s.generator for s in sched.seqs])
-        for seq, tok in zip(sched.seqs, tokens):
+        seqs = sched.seqs
+        drawn = sample(logits, [s.req.params for s in seqs], [s.generator for s in seqs],
+                       [(s.tokens, s.num_prompt) for s in seqs],
+                       [self._guides.get(s.req.request_id) for s in seqs] if self._guides else None, self.eos_ids)
+        for seq, tok, logprob in zip(seqs, drawn.tokens, drawn.logprobs):
             if isinstance(tok, SamplingError):  # that request fails; the batch and the loop go on
                 self.counters["sampling_errors"] += 1
                 self._fail(seq, tok)
                 continue
             seq.num_computed = len(seq.tokens)
             seq.tokens.append(tok)
-            self._emit(seq, tok)
+            self._emit(seq, tok, logprob)
         self.counters["preemptions"] += len(sched.preempted)
         return True
 
@@ -249,7 +258,7 @@ class Engine:
             busy = True
             kind = item[0]
             if kind == "submit":
-                self._add(item[1], item[2])
+                self._add(item[1], item[2], item[3])
             elif kind == "abort":
                 seq = self._seqs.get(item[1])
                 if seq is not None:
@@ -259,7 +268,7 @@ class Engine:
             elif kind == "unload":
                 self._unload(item[1], item[2])
 
-    def _add(self, req: GenerationRequest, sink: Sink) -> None:
+    def _add(self, req: GenerationRequest, sink: Sink, grammar: Any = None) -> None:
         if req.request_id in self._seqs:
             self._outbox.append((sink, self._error_output(req, InvalidRequest(
                 f"duplicate request id {req.request_id!r}"))))
@@ -269,6 +278,8 @@ class Engine:
                        detok=IncrementalDetokenizer(self.tokenizer))
         self._seqs[req.request_id] = seq
         self._sinks[req.request_id] = sink
+        if grammar is not None:
+            self._guides[req.request_id] = GrammarCompiler.matcher(grammar)
         self.per_adapter[req.adapter or ""] += 1
         self.scheduler.add(seq)
         if req.adapter is not None:
@@ -324,7 +335,7 @@ class Engine:
 
     # ---- outputs ------------------------------------------------------------------
 
-    def _emit(self, seq: Sequence, tok: int) -> None:
+    def _emit(self, seq: Sequence, tok: int, logprob: TokenLogprob | None = None) -> None:
         p = seq.req.params
         reason = None
         if tok in self.eos_ids and not p.ignore_eos:
@@ -336,7 +347,7 @@ class Engine:
             reason = "length"
         if reason is not None:
             text += seq.detok.pending()  # the request ends: an incomplete character is shown as it is
-        for s in p.stop:
+        for s in p.stop if len(seq.output_ids) >= p.min_tokens else ():
             i = text.find(s, max(0, len(seq.text) - len(s)))
             if i >= 0:
                 text, reason = text[:i], "stop"
@@ -349,7 +360,8 @@ class Engine:
         self.counters["generated_tokens"] += 1
         self._outbox.append((self._sinks[seq.req.request_id], RequestOutput(
             request_id=seq.req.request_id, token_ids=(tok,), text=delta, finished=reason is not None,
-            finish_reason=reason, prompt_tokens=seq.num_prompt, completion_tokens=len(seq.output_ids))))
+            finish_reason=reason, prompt_tokens=seq.num_prompt, completion_tokens=len(seq.output_ids),
+            logprobs=None if logprob is None else (logprob,))))
         if reason is not None:
             self._finish(seq, reason, emit=False)
 
@@ -358,6 +370,7 @@ class Engine:
         rid = seq.req.request_id
         self._seqs.pop(rid, None)
         sink = self._sinks.pop(rid, None)
+        self._guides.pop(rid, None)
         self.counters[f"finished_{reason}"] += 1
         if emit and sink is not None:
             self._outbox.append((sink, self._error_output(seq.req, err, len(seq.output_ids)) if err is not None

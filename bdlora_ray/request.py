@@ -20,6 +20,18 @@ class SamplingParams:
     seed: int | None = None         # per-request RNG seed (reproducible sampling)
     stop: tuple[str, ...] = ()      # stop strings, excluded from the output
     ignore_eos: bool = False        # keep going past EOS (benchmarks)
+    # Logits processing (OpenAI / vLLM semantics), applied in this order before temperature:
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to its logit
+    repetition_penalty: float = 1.0   # HF/vLLM: tokens in prompt+output: logit / p if > 0 else logit * p
+    frequency_penalty: float = 0.0    # OpenAI: logit -= f * (times the token is in the output)
+    presence_penalty: float = 0.0     # OpenAI: logit -= p * (token is in the output)
+    min_tokens: int = 0               # no EOS (nor stop string) before this many new tokens
+    guide: StructuredOutput | None = None  # constrain the output to a grammar (structured output)
+    logprobs: int | None = None       # None: none; k >= 0: the chosen token's logprob and the top k
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     def validate(self) -> None:
         if not 1 <= self.max_tokens <= 1 << 20:
@@ -34,6 +46,49 @@ class SamplingParams:
             raise InvalidRequest("stop: at most 16 non-empty strings of at most 256 characters")
         if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 63):
             raise InvalidRequest("seed must fit in 64 bits")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise InvalidRequest(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS or any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
+            raise InvalidRequest(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens, biases in [-100, 100]")
+        if any(t < 0 for t, _ in self.logit_bias):
+            raise InvalidRequest("logit_bias: token ids must be >= 0")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequest(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs / top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
+MAX_LOGPROBS = 20     # OpenAI's top_logprobs limit
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A grammar the output must follow (compiled by `bdlora_ray.guided`)."""
+
+    kind: str                       # "json": any JSON object | "json_schema" | "regex"
+    spec: str = ""                  # the JSON schema (as JSON text) or the regex
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+    token: str = ""                 # its text, filled by the serving layer (off the step loop)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (raw logits, before any processing) and the
+    `top` most likely tokens at that position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,6 +113,7 @@ class RequestOutput:
     error: str | None = None        # message when finish_reason == "error"
     error_status: int | None = None  # HTTP status for that error
     error_type: str | None = None   # class name of the typed error (bdlora_ray.errors)
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token of `token_ids`, if requested
 
 
 def merge_outputs(outs: Sequence[RequestOutput]) -> RequestOutput:
@@ -69,8 +125,10 @@ def merge_outputs(outs: Sequence[RequestOutput]) -> RequestOutput:
     if len({o.request_id for o in outs}) != 1 or any(o.finished for o in outs[:-1]):
         raise ValueError("only consecutive events of one unfinished request can be merged")
     last = outs[-1]
+    logprobs = None if all(o.logprobs is None for o in outs) else tuple(
+        lp for o in outs for lp in (o.logprobs or ()))
     return dataclasses.replace(last, token_ids=tuple(t for o in outs for t in o.token_ids),
-                               text="".join(o.text for o in outs))
+                               text="".join(o.text for o in outs), logprobs=logprobs)
 
 
 async def coalesced(events: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

@@ -1,19 +1,39 @@
-"""Next-token sampling: greedy, temperature, top-k, top-p, seeded per request.
+"""Next-token sampling for a batch: logits processing, greedy / temperature / top-k / top-p draws,
+log-probabilities, each request with its own parameters.
 
-A seeded request's RNG lives on the device of the logits it samples (a CUDA
-`multinomial` refuses a CPU generator), so it is made there at first use.
-A row that cannot be sampled (non-finite logits, a failing draw) yields a
-`SamplingError` for that row only: the caller fails that request and keeps
-the batch going.
+Every per-row parameter is applied as a batched tensor op over the rows that use it (vLLM V1's
+sampler): rows without logit_bias, penalties, min_tokens, a grammar or logprobs pay nothing for
+them. In order, on float32 logits (B, vocab):
+
+    x = logits
+    x[i, t] += bias[i][t]                                   logit_bias
+    x[i, t] = x/rp if x > 0 else x*rp   for t in prompt+output    repetition_penalty (HF)
+    x[i, t] -= f * count[i, t] + p * (count[i, t] > 0)      frequency/presence (OpenAI; output only)
+    x[i, eos] = -inf   while len(output) < min_tokens       min_tokens
+    x[i, t] = -inf     where the grammar forbids t          structured output (bdlora_ray.guided)
+    greedy: argmax(x);  else: x / T, top-k, top-p, then argmax(softmax(x) / q), q ~ Exp(1)
+
+The last line is a draw from softmax(x) (the Gumbel/exponential trick vLLM uses): one batched op,
+with q drawn from a request's own generator for the seeded rows. Log-probabilities are those of
+the model (log_softmax of the raw logits, as vLLM returns by default), not of the processed x.
+
+A seeded request's RNG lives on the device of the logits it samples, so it is made there at first
+use. A row that cannot be sampled (non-finite logits, everything masked) yields a `SamplingError`
+for that row only: the caller fails that request and keeps the batch going.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from bdlora_ray.errors import BdloraError
-from bdlora_ray.request import SamplingParams
+from bdlora_ray.request import SamplingParams, TokenLogprob, TopLogprob
 
 
 class SamplingError(BdloraError):
@@ -50,39 +70,167 @@ def _torch_generator(generator: Generator, device: torch.device) -> torch.Genera
     return generator.on(device) if isinstance(generator, RequestGenerator) else generator
 
 
-def sample_row(logits: Tensor, params: SamplingParams, generator: Generator) -> int:
-    """One token from `logits` (vocab,) float32."""
-    if params.temperature == 0.0:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        probs, order = torch.sort(logits.softmax(-1), descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        drop = probs.cumsum(-1) - probs >= params.top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=_torch_generator(generator, logits.device)))
+@dataclass
+class Sampled:
+    """One step's draws: a token (or the row's SamplingError) per row, and logprobs where requested."""
+
+    tokens: list[int | SamplingError]
+    logprobs: list[TokenLogprob | None]
 
 
-def sample(logits: Tensor, params: list[SamplingParams], generators: list[Generator]) -> list[int | SamplingError]:
-    """logits: (B, vocab) float32; one token per row, or the SamplingError of that row.
+def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[Generator],
+           histories: Sequence[tuple[Sequence[int], int]] | None = None, guides: Sequence[Any] | None = None,
+           stop_ids: Sequence[int] = ()) -> Sampled:
+    """logits: (B, vocab). `histories[i]` = (prompt + output token ids, prompt length) of row i (needed
+    by penalties and min_tokens); `guides[i]` = row i's grammar matcher or None (advanced here by the
+    token drawn); `stop_ids`: the tokens min_tokens holds back (EOS).
 
-    Non-finite rows are refused before any draw: on CUDA a NaN reaching `multinomial` is a
-    device-side assert that would poison every later step of the process, not just this row."""
+    Non-finite rows are refused before any draw (on CUDA a NaN reaching a draw could poison the step)."""
     finite = torch.isfinite(logits).all(-1)                                     # (B,)
-    greedy = [p.temperature == 0.0 for p in params]
-    top = logits.argmax(-1).tolist() if any(greedy) else None
-    out: list[int | SamplingError] = []
-    for i, ok in enumerate(finite.tolist()):
-        if not ok:
-            out.append(SamplingError("the model produced non-finite logits for this request"))
-        elif greedy[i]:
-            out.append(top[i])
-        else:
-            try:
-                out.append(sample_row(logits[i], params[i], generators[i]))
-            except Exception as e:  # noqa: BLE001  this row's failure is this request's alone
-                out.append(e if isinstance(e, SamplingError) else SamplingError(f"sampling failed: {e!r}"))
+    x = logits.float().masked_fill(~finite[:, None], 0.0)                      # a copy, processed in place
+    _process(x, params, histories, guides, stop_ids)
+    tokens = _draw(x, params, generators)                                       # (B,)
+    ok = (finite & (x.amax(-1) > float("-inf"))).tolist()
+    token_list = tokens.tolist()
+    out: list[int | SamplingError] = [t if good else SamplingError(
+        "the model produced non-finite logits for this request" if bad_logits else
+        "every token was excluded (logit_bias / grammar)")
+        for t, good, bad_logits in zip(token_list, ok, (~finite).tolist())]
+    for i, g in enumerate(guides or ()):
+        if g is not None and isinstance(out[i], int) and not g.accept_token(out[i]):
+            out[i] = SamplingError(f"token {out[i]} was refused by the request's grammar")
+    return Sampled(out, _logprobs(logits, tokens, token_list, params, ok))
+
+
+def process_logits(logits: Tensor, params: Sequence[SamplingParams],
+                   histories: Sequence[tuple[Sequence[int], int]] | None = None,
+                   guides: Sequence[Any] | None = None, stop_ids: Sequence[int] = ()) -> Tensor:
+    """A float32 copy of logits (B, V) with logit_bias, penalties, min_tokens and grammars applied
+    (before temperature), each on the rows that use it."""
+    x = logits.float().clone()
+    _process(x, params, histories, guides, stop_ids)
+    return x
+
+
+def _process(x: Tensor, params: Sequence[SamplingParams], histories: Sequence[tuple[Sequence[int], int]] | None,
+             guides: Sequence[Any] | None, stop_ids: Sequence[int]) -> None:
+    _bias(x, params)
+    if histories is not None:
+        _penalties(x, params, histories)
+        _min_tokens(x, params, histories, stop_ids)
+    constrained = [i for i, g in enumerate(guides or ()) if g is not None]
+    if constrained:
+        from bdlora_ray.guided import apply_grammars  # only requests with a grammar import it
+        apply_grammars(x, [guides[i] for i in constrained], constrained)
+
+
+def sample_row(logits: Tensor, params: SamplingParams, generator: Generator) -> int:
+    """One token from `logits` (vocab,)."""
+    tok = sample(logits[None], [params], [generator]).tokens[0]
+    if isinstance(tok, SamplingError):
+        raise tok
+    return tok
+
+
+# ---- logits processing (in place on x, only on the rows that ask) --------------------------------
+
+def _bias(x: Tensor, params: Sequence[SamplingParams]) -> None:
+    rows = [i for i, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return
+    r = torch.tensor([i for i in rows for _ in params[i].logit_bias])
+    t = torch.tensor([tok for i in rows for tok, _ in params[i].logit_bias])
+    b = torch.tensor([bias for i in rows for _, bias in params[i].logit_bias], dtype=x.dtype)
+    x.index_put_((r.to(x.device), t.to(x.device)), b.to(x.device), accumulate=True)
+
+
+def _counts(rows: list[int], seqs: list[Sequence[int]], V: int, device: torch.device) -> Tensor:
+    """(len(rows), V) float: how often each token occurs in seqs[j] (one batched scatter)."""
+    counts = torch.zeros(len(rows), V, device=device)
+    lens = torch.tensor([len(s) for s in seqs])
+    if int(lens.sum()):
+        r = torch.repeat_interleave(torch.arange(len(rows)), lens).to(device)
+        t = torch.tensor(list(chain.from_iterable(seqs)), dtype=torch.long, device=device)
+        counts.index_put_((r, t), torch.ones(len(t), device=device), accumulate=True)
+    return counts
+
+
+def _penalties(x: Tensor, params: Sequence[SamplingParams], histories: Sequence[tuple[Sequence[int], int]]) -> None:
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    if not rows:
+        return
+    dev, V = x.device, x.shape[1]
+    out = _counts(rows, [histories[i][0][histories[i][1]:] for i in rows], V, dev)        # (P, V)
+    col = lambda name: torch.tensor([getattr(params[i], name) for i in rows], device=dev)[:, None]  # noqa: E731
+    r = torch.tensor(rows, device=dev)
+    sub = x[r]                                                                            # (P, V)
+    rep = col("repetition_penalty")
+    if bool((rep != 1.0).any()):
+        seen = (out > 0) | (_counts(rows, [histories[i][0][:histories[i][1]] for i in rows], V, dev) > 0)
+        sub = torch.where(seen, torch.where(sub < 0, sub * rep, sub / rep), sub)
+    sub = sub - col("frequency_penalty") * out - col("presence_penalty") * (out > 0).float()
+    x[r] = sub
+
+
+def _min_tokens(x: Tensor, params: Sequence[SamplingParams], histories: Sequence[tuple[Sequence[int], int]],
+                stop_ids: Sequence[int]) -> None:
+    rows = [i for i, p in enumerate(params)
+            if p.min_tokens and len(histories[i][0]) - histories[i][1] < p.min_tokens]
+    if rows and stop_ids:
+        r = torch.tensor(rows, device=x.device)[:, None]
+        x[r, torch.tensor(list(stop_ids), device=x.device)[None, :]] = float("-inf")
+
+
+# ---- the draw ------------------------------------------------------------------------------------
+
+def _top_k_top_p(x: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """x (R, V) with what top-k (0 = all) excludes, then what top-p excludes from the rest (the
+    smallest prefix of the sorted distribution whose mass reaches top_p, at least one token), -inf.
+    One sort for both, as vLLM's apply_top_k_top_p."""
+    vals, order = x.sort(-1, descending=True)                                   # (R, V)
+    rank = torch.arange(x.shape[1], device=x.device)[None, :]
+    drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    probs = vals.masked_fill(drop, float("-inf")).softmax(-1)
+    drop |= probs.cumsum(-1) - probs >= top_p[:, None]
+    return x.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+
+
+def _draw(x: Tensor, params: Sequence[SamplingParams], generators: Sequence[Generator]) -> Tensor:
+    tokens = x.argmax(-1)                                                       # greedy rows: done
+    rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
+    if not rows:
+        return tokens
+    dev = x.device
+    r = torch.tensor(rows, device=dev)
+    s = x[r] / torch.tensor([params[i].temperature for i in rows], device=dev)[:, None]
+    cut = [j for j, i in enumerate(rows) if params[i].top_p < 1.0 or 0 < params[i].top_k < x.shape[1]]
+    if cut:
+        c = torch.tensor(cut, device=dev)
+        s[c] = _top_k_top_p(s[c], torch.tensor([params[rows[j]].top_k for j in cut], device=dev),
+                            torch.tensor([params[rows[j]].top_p for j in cut], device=dev))
+    q = torch.empty_like(s).exponential_()
+    for j, i in enumerate(rows):  # only seeded rows: their own stream (as vLLM does)
+        g = _torch_generator(generators[i], dev)
+        if g is not None:
+            q[j].exponential_(generator=g)
+    tokens[r] = (s.softmax(-1) / q).argmax(-1)
+    return tokens
+
+
+def _logprobs(logits: Tensor, tokens: Tensor, token_list: list[int], params: Sequence[SamplingParams],
+              ok: list[bool]) -> list[TokenLogprob | None]:
+    out: list[TokenLogprob | None] = [None] * len(params)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None and ok[i]]
+    if not rows:
+        return out
+    r = torch.tensor(rows, device=logits.device)
+    lsm = torch.log_softmax(logits[r].float(), -1)                              # (R, V)
+    chosen = lsm.gather(1, tokens[r][:, None])[:, 0].tolist()
+    k = max(params[i].logprobs for i in rows)
+    top_v, top_i = lsm.topk(k, -1) if k else (lsm[:, :0], lsm[:, :0].long())
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    for j, i in enumerate(rows):
+        n = params[i].logprobs
+        out[i] = TokenLogprob(token_list[i], chosen[j],
+                              tuple(TopLogprob(t, v) for t, v in zip(top_i[j][:n], top_v[j][:n])))
     return out

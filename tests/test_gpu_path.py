@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import bdlora_ray.sampling as sampling
 from bdlora_ray import attention, comm as comm_mod
 from bdlora_ray.comm import Comm, init_distributed
 from bdlora_ray.config import LlamaConfig
@@ -46,11 +45,11 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
     logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
     logits[1, 7] = float("nan")
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=1.0)]
-    out = sample(logits, params, [make_generator(p) for p in params])
+    out = sample(logits, params, [make_generator(p) for p in params]).tokens
     assert out[0] == int(logits[0].argmax()) and isinstance(out[2], int)
     assert isinstance(out[1], SamplingError) and out[1].http_status == 500
     logits[1, 7] = float("inf")
-    assert isinstance(sample(logits, params, [None] * 3)[1], SamplingError)
+    assert isinstance(sample(logits, params, [None] * 3).tokens[1], SamplingError)
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +62,22 @@ def tiny_ckpt(tmp_path_factory):
 
 def test_sampling_error_fails_its_request_and_the_loop_goes_on(tiny_ckpt, monkeypatch):
     engine = local_engine(CFG, tiny_ckpt, {})
-    real = sampling.sample_row
+    real = engine.worker.execute
 
-    def flaky(logits, params, generator):
-        if params.seed == 13:
-            raise RuntimeError("device-side trouble")
-        return real(logits, params, generator)
+    def poisoned(msg):  # the "bad" request's row comes out non-finite (as a device fault would leave it)
+        logits = real(msg).clone()
+        bad = engine._seqs.get("bad")
+        for row, (seq_id, *_rest) in enumerate(msg):
+            if bad is not None and seq_id == bad.seq_id:
+                logits[row, 3] = float("nan")
+        return logits
 
-    monkeypatch.setattr(sampling, "sample_row", flaky)
+    monkeypatch.setattr(engine.worker, "execute", poisoned)
     outs = run_to_completion(engine, [req("bad", [5, 6, 7], temperature=1.0, seed=13, max_tokens=4),
                                       req("good", [5, 6, 7], temperature=1.0, seed=14, max_tokens=4),
                                       req("greedy", [8, 9], max_tokens=4)])
     assert outs["bad"][-1].finish_reason == "error" and outs["bad"][-1].error_type == "SamplingError"
-    assert outs["bad"][-1].error_status == 500 and "device-side trouble" in outs["bad"][-1].error
+    assert outs["bad"][-1].error_status == 500 and "non-finite" in outs["bad"][-1].error
     assert len(tokens(outs["good"])) == 4 and len(tokens(outs["greedy"])) == 4
     assert engine.dead is None and engine.counters["sampling_errors"] == 1
     later = run_to_completion(engine, [req("later", [1, 2], max_tokens=3)])  # the engine still serves

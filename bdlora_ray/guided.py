@@ -1,0 +1,79 @@
+"""Structured output: a request's grammar (a JSON schema, any JSON object, a regex) compiled with
+xgrammar (the library vLLM and SGLang use) against the model's tokenizer, and a matcher per
+request that says, each step, which tokens may come next.
+
+    compiler = GrammarCompiler(tokenizer, vocab_size, stop_ids)   # once per engine, lazily
+    grammar = compiler.compile(StructuredOutput("json_schema", schema))   # at submit, off the loop
+    matcher = compiler.matcher(grammar)                                   # one per request
+    apply_grammars(x, [matcher, ...], rows)    # x[rows[j], t] = -inf where matcher j forbids t
+
+The step fills one bitmask row per constrained request (xgrammar's C++; a few microseconds) and
+masks all of them in one op; the sampler then accepts the drawn token into each matcher. JSON is
+generated compactly (", " and ": " separators, no free whitespace) so that a model cannot spend
+its tokens on whitespace. Once the grammar is complete only the stop tokens (EOS) are allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+from bdlora_ray.errors import InvalidRequest
+from bdlora_ray.request import StructuredOutput
+
+KINDS = ("json", "json_schema", "regex")
+
+
+class GrammarCompiler:
+    """Compiles grammars for one tokenizer and vocabulary (xgrammar caches what it compiled).
+
+    Thread-safe: the engine compiles in `submit`, on the caller's thread."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) -> None:
+        self.tokenizer, self.vocab_size, self.stop_ids = tokenizer, vocab_size, sorted(stop_ids)
+        self._compiler: Any = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Any:
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+                # vocab_size: the model's (it may pad past the tokenizer's); ids with no text are never allowed.
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                          stop_token_ids=self.stop_ids)
+                self._compiler = xgr.GrammarCompiler(info)
+            return self._compiler
+
+    def compile(self, guide: StructuredOutput) -> Any:
+        """The compiled grammar; InvalidRequest (400) for a schema or regex it cannot use."""
+        if guide.kind not in KINDS:
+            raise InvalidRequest(f"unknown structured output kind {guide.kind!r}")
+        compiler = self._get()
+        try:
+            if guide.kind == "regex":
+                return compiler.compile_regex(guide.spec)
+            schema = guide.spec if guide.kind == "json_schema" else '{"type": "object"}'
+            json.loads(schema)  # a clear message for text that is not JSON at all
+            return compiler.compile_json_schema(schema, any_whitespace=False)
+        except (RuntimeError, ValueError, TypeError) as e:
+            what = "regex" if guide.kind == "regex" else "JSON schema"
+            raise InvalidRequest(f"unusable {what}: {str(e).strip().splitlines()[-1][:300]}") from None
+
+    @staticmethod
+    def matcher(grammar: Any) -> Any:
+        import xgrammar as xgr
+        return xgr.GrammarMatcher(grammar)
+
+
+def apply_grammars(x: Tensor, matchers: Sequence[Any], rows: Sequence[int]) -> None:
+    """x (B, V) in place: -inf at the tokens that matcher j does not allow next in row rows[j]."""
+    import xgrammar as xgr
+
+    bitmask = xgr.allocate_token_bitmask(x.shape[0], x.shape[1])   # (B, ceil(V/32)) int32, CPU
+    for m, i in zip(matchers, rows):
+        m.fill_next_token_bitmask(bitmask, i)
+    xgr.apply_token_bitmask_inplace(x, bitmask.to(x.device, non_blocking=True), indices=list(rows))
