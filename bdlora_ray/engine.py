@@ -51,7 +51,10 @@ class Engine:
         self._outbox: list[tuple[Sink, RequestOutput]] = []   # this step's outputs, sent at its end
         self.pool = worker.pool
         self.log = PoolLog(self.pool, worker.apply)
-        self.scheduler = Scheduler(self.log, config.max_num_seqs, config.max_num_batched_tokens, self._ready)
+        self.counters: Counter[str] = Counter()
+        self.scheduler = Scheduler(self.log, config.max_num_seqs, config.max_num_batched_tokens, self._ready,
+                                   worker.adapter_needs, config.enable_chunked_prefill,
+                                   config.enable_prefix_caching, self.counters)
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch")
         # How a cold adapter reaches every rank's host memory; by default only this rank
         # fetches ahead, and the others fetch when the load op reaches them.
@@ -68,7 +71,6 @@ class Engine:
         self._grammars = GrammarCompiler(tokenizer, worker.cfg.vocab_size, self.eos_ids)  # xgrammar at first use
         self._guides: dict[str, Any] = {}      # request id -> its grammar matcher (structured output)
         self.steps = 0
-        self.counters: Counter[str] = Counter()
         self.per_adapter: Counter[str] = Counter()
         self.dead: BaseException | None = None
         self._stop = False
@@ -207,18 +209,31 @@ class Engine:
         self._expire_waiting()
         sched = self.scheduler.schedule()
         self._prefetched -= {n for n in self._prefetched if n in self.pool}
+        for seq in sched.refused:
+            self._fail(seq, PoolExhausted(f"sequence of {len(seq.tokens)} tokens needs more pages than the pool "
+                                          f"has ({self.pool.config.num_pages} per layer)"))
         if not sched.seqs:
             self._fail_unschedulable()
             if self.log.ops:
                 self._send([])
                 return True
             return busy
-        msg = [[s.seq_id, s.adapter, start, s.tokens[start:]] for s, start in zip(sched.seqs, sched.starts)]
+        msg = [[s.seq_id, s.adapter, start, s.tokens[start:start + n]]
+               for s, start, n in zip(sched.seqs, sched.starts, sched.counts)]
         self._send(msg)
         logits = self.worker.execute(msg)
         self.steps += 1
-        seqs = sched.seqs
-        drawn = sample(logits, [s.req.params for s in seqs], [s.generator for s in seqs],
+        # A prefill piece that does not reach the end of the prompt samples nothing.
+        rows = [i for i, (s, start, n) in enumerate(zip(sched.seqs, sched.starts, sched.counts))
+                if start + n == len(s.tokens)]
+        for s, start, n in zip(sched.seqs, sched.starts, sched.counts):
+            s.num_computed = start + n
+        self.scheduler.cache_computed(sched.seqs)
+        self.counters["preemptions"] += len(sched.preempted)
+        seqs = [sched.seqs[i] for i in rows]
+        if not seqs:
+            return True
+        drawn = sample(logits[rows], [s.req.params for s in seqs], [s.generator for s in seqs],
                        [(s.tokens, s.num_prompt) for s in seqs],
                        [self._guides.get(s.req.request_id) for s in seqs] if self._guides else None, self.eos_ids)
         for seq, tok, logprob in zip(seqs, drawn.tokens, drawn.logprobs):
@@ -226,10 +241,8 @@ class Engine:
                 self.counters["sampling_errors"] += 1
                 self._fail(seq, tok)
                 continue
-            seq.num_computed = len(seq.tokens)
             seq.tokens.append(tok)
             self._emit(seq, tok, logprob)
-        self.counters["preemptions"] += len(sched.preempted)
         return True
 
     def _send(self, seqs: list) -> None:

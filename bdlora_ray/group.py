@@ -79,7 +79,7 @@ class StoreShardSource:
         except ray.exceptions.RayActorError as e:  # died or restarting (it has max_restarts): retry later
             raise AdapterUnavailable(f"adapter {name!r}: the adapter store is restarting "
                                      f"({type(e).__name__})") from None
-        return blob.meta, blob.tensors()
+        return blob.meta, blob.tensors(), blob.version or None
 
 
 def build_rank(rank: int, config: GroupConfig, init_method: str, store: Any):

@@ -12,6 +12,15 @@ resident as a cache and are evicted least-recently-used when KV blocks or
 another adapter need room. Allocation either succeeds completely or raises
 `PoolExhausted` and changes nothing.
 
+Prefix caching (as vLLM's block pool): a full KV block may be registered
+under a hash of its content (`cache_blocks`; the caller's hash chains the
+adapter version, the parent block and the block's tokens). Several
+sequences may then share it (`share_kv`); a block's refcount counts them.
+When the last one lets go, a registered block is not freed but kept as a
+cached block, evicted least-recently-used together with idle adapters (one
+clock for both) when pages are needed. Every operation is deterministic, so
+ranks replaying the same calls end with the same pages and caches.
+
 Not thread-safe, on purpose: the engine loop of a replica group owns its
 pools and is the only caller, so locking would only cost time. Callers from
 other threads must serialise through that loop.
@@ -86,6 +95,8 @@ class PooledAdapter:
     pages: Tensor          # (n_pages,) int32 page ids on the pool's device, the adapter's page table
     slot: int              # its row in the kernels' slot tables while resident (reused after eviction)
     refcount: int = 0      # running requests using it; > 0 means pinned (never evicted)
+    version: str | None = None  # which version of the adapter these weights are (None: unknown, never cached)
+    last_used: int = 0     # the pool's clock at its last load or pin (LRU against cached blocks)
 
     @property
     def num_pages(self) -> int:
@@ -105,7 +116,8 @@ class PoolListener(Protocol):
 class PoolUsage:
     total_pages: int       # pages per layer
     free_pages: int        # pages owned by nobody
-    kv_pages: int          # pages holding KV blocks of live sequences
+    kv_pages: int          # pages holding KV blocks of live sequences (a shared block counts once)
+    cached_pages: int      # full KV blocks no live sequence uses, kept for prefix hits (evictable)
     adapter_pages: int     # pages holding resident adapters (pinned or idle)
     pinned_adapter_pages: int  # of adapter_pages, those of pinned adapters
     sequences: int         # live sequences
@@ -113,6 +125,7 @@ class PoolUsage:
     pinned_adapters: int   # resident adapters with refcount > 0
     loads: int             # adapters written into the pool since creation
     evictions: int         # adapters evicted to make room since creation
+    block_evictions: int   # cached KV blocks evicted to make room since creation
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -134,6 +147,12 @@ class PagePool:
         self._next_slot = 0               # slots ever handed out: the lowest never-used id
         self._loads = 0
         self._evictions = 0
+        self._clock = 0                   # ticks at every adapter use and block release: one LRU order for both
+        self._refs: dict[int, int] = {}   # KV page -> live sequences whose table holds it
+        self._hash_of: dict[int, str] = {}   # registered KV page -> its block hash
+        self._page_of: dict[str, int] = {}   # block hash -> the page holding that block
+        self._cached: OrderedDict[int, int] = OrderedDict()  # registered pages nobody uses -> clock, oldest first
+        self._block_evictions = 0
         log.info("page pool: %d layers x %d pages x %d elems (%.1f MiB, %s on %s)", c.num_layers,
                  c.num_pages, c.elems_per_page, c.nbytes / 2**20, c.dtype, c.device)
 
@@ -142,17 +161,42 @@ class PagePool:
     def _idle_pages(self) -> int:
         return sum(s.num_pages for s in self._adapters.values() if s.refcount == 0)
 
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def available(self, keep: str | None = None, reuse: tuple[int, ...] = ()) -> int:
+        """Pages `_take` could hand out now: free, cached blocks and idle adapters, except adapter
+        `keep` and the cached pages in `reuse` (about to be pinned or shared)."""
+        idle = self._idle_pages()
+        if keep is not None and keep in self._adapters and self._adapters[keep].refcount == 0:
+            idle -= self._adapters[keep].num_pages
+        return len(self._free) + len(self._cached) - sum(p in self._cached for p in reuse) + idle
+
     def _take(self, n: int, what: str) -> list[int]:
-        """n free page ids, evicting idle adapters LRU-first if needed; all or nothing."""
-        if n > len(self._free) and n > len(self._free) + self._idle_pages():  # the sum only when short
+        """n free page ids, evicting cached blocks and idle adapters, least recently used first,
+        if needed; all or nothing."""
+        if n > len(self._free) and n > len(self._free) + len(self._cached) + self._idle_pages():
             u = self.usage()
             raise PoolExhausted(
-                f"{what} needs {n} pages; free {u.free_pages}, idle adapters {u.adapter_pages - u.pinned_adapter_pages}, "
-                f"KV {u.kv_pages}, pinned adapters {u.pinned_adapter_pages} of {u.total_pages}")
+                f"{what} needs {n} pages; free {u.free_pages}, cached blocks {u.cached_pages}, idle adapters "
+                f"{u.adapter_pages - u.pinned_adapter_pages}, KV {u.kv_pages}, pinned adapters "
+                f"{u.pinned_adapter_pages} of {u.total_pages}")
         while len(self._free) < n:
-            victim = next(name for name, s in self._adapters.items() if s.refcount == 0)
-            self._evict(victim)
+            adapter = next((a for a in self._adapters.values() if a.refcount == 0), None)
+            block = next(iter(self._cached.items()), None)
+            if block is not None and (adapter is None or block[1] < adapter.last_used):
+                self._drop_block(block[0])
+            else:
+                self._evict(adapter.name)
         return [heapq.heappop(self._free) for _ in range(n)]
+
+    def _drop_block(self, page: int) -> None:
+        """Forget a cached block nobody uses; its page becomes free."""
+        del self._cached[page]
+        del self._page_of[self._hash_of.pop(page)]
+        heapq.heappush(self._free, page)
+        self._block_evictions += 1
 
     def _give_back(self, pages: list[int]) -> None:
         for p in pages:
@@ -170,13 +214,57 @@ class PagePool:
         table = self._seqs.get(seq_id, [])
         need = -(-num_tokens // self.config.block_size) - len(table)
         if need > 0:
-            table = table + self._take(need, f"sequence {seq_id!r}")
+            new = self._take(need, f"sequence {seq_id!r}")
+            for p in new:
+                self._refs[p] = 1
+            table = table + new
         self._seqs[seq_id] = table
         return table
 
     def free_kv(self, seq_id: Hashable) -> None:
-        """Release a finished sequence's blocks (no-op for an unknown id)."""
-        self._give_back(self._seqs.pop(seq_id, []))
+        """Release a finished sequence's blocks (no-op for an unknown id). Registered blocks that
+        nobody else uses stay cached; its last blocks are the first to be evicted (as vLLM frees)."""
+        for p in reversed(self._seqs.pop(seq_id, [])):
+            self._refs[p] -= 1
+            if self._refs[p]:
+                continue
+            del self._refs[p]
+            if p in self._hash_of:
+                self._cached[p] = self._tick()
+            else:
+                heapq.heappush(self._free, p)
+
+    # ---- prefix cache ----------------------------------------------------------
+
+    def cached_page(self, block_hash: str) -> int | None:
+        """The page holding the block registered under `block_hash`, if any (a read: nothing changes)."""
+        return self._page_of.get(block_hash)
+
+    def share_kv(self, seq_id: Hashable, pages: list[int]) -> list[int]:
+        """Start `seq_id`'s page table with registered blocks (prefix hits), shared, not copied."""
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id!r} already has KV blocks")
+        for p in pages:
+            if p not in self._hash_of:
+                raise ValueError(f"page {p} holds no registered block")
+        for p in pages:
+            self._cached.pop(p, None)
+            self._refs[p] = self._refs.get(p, 0) + 1
+        self._seqs[seq_id] = list(pages)
+        return self._seqs[seq_id]
+
+    def cache_blocks(self, seq_id: Hashable, first: int, hashes: list[str]) -> int:
+        """Register `seq_id`'s blocks first, first+1, ... (full, computed) under `hashes`; a hash already
+        registered for another page, or a page already registered, is left as it is. Returns how many
+        were registered."""
+        table, done = self._seqs[seq_id], 0
+        for i, h in enumerate(hashes, start=first):
+            p = table[i]
+            if h in self._page_of or p in self._hash_of:
+                continue
+            self._page_of[h], self._hash_of[p] = p, h
+            done += 1
+        return done
 
     def kv_page_table(self, seq_id: Hashable) -> list[int]:
         return self._seqs[seq_id]
@@ -196,12 +284,13 @@ class PagePool:
         return self._adapters[name]
 
     def load_adapter(self, name: str, shard: dict[str, Tensor], meta: AdapterMeta,
-                     pin: bool = False) -> PooledAdapter:
+                     pin: bool = False, version: str | None = None) -> PooledAdapter:
         """Make `name` resident (copying `shard` into its pages unless already there).
 
         `shard` is this rank's tensors, named `layers.{l}.{target}.lora_A|B`
         (e.g. `ShardBlob.tensors()` from the adapter store).
-        Marks the adapter most recently used; `pin=True` also pins it.
+        Marks the adapter most recently used; `pin=True` also pins it. `version` names the
+        weights (the prefix cache keys KV blocks by it); a resident adapter keeps its own.
         """
         slot = self._adapters.get(name)
         if slot is None:
@@ -215,13 +304,15 @@ class PagePool:
             except Exception:
                 self._give_back(ids)  # a malformed shard must not leak pages
                 raise
-            slot = PooledAdapter(name=name, meta=meta, layout=layout, pages=pages, slot=self._take_slot())
+            slot = PooledAdapter(name=name, meta=meta, layout=layout, pages=pages, slot=self._take_slot(),
+                                 version=version)
             self._adapters[name] = slot
             self._loads += 1
             if self.listener is not None:
                 self.listener.adapter_loaded(slot)
             log.debug("loaded adapter %s into %d pages", name, len(ids))
         self._adapters.move_to_end(name)
+        slot.last_used = self._tick()
         if pin:
             slot.refcount += 1
         return slot
@@ -231,6 +322,7 @@ class PagePool:
         slot = self._adapters[name]
         slot.refcount += 1
         self._adapters.move_to_end(name)
+        slot.last_used = self._tick()
         return slot
 
     def unpin(self, name: str) -> None:
@@ -280,11 +372,11 @@ class PagePool:
     # ---- accounting ----------------------------------------------------------
 
     def usage(self) -> PoolUsage:
-        kv = sum(len(t) for t in self._seqs.values())
         ad = sum(s.num_pages for s in self._adapters.values())
         pinned = [s for s in self._adapters.values() if s.refcount > 0]
         return PoolUsage(
-            total_pages=self.config.num_pages, free_pages=len(self._free), kv_pages=kv, adapter_pages=ad,
+            total_pages=self.config.num_pages, free_pages=len(self._free), kv_pages=len(self._refs),
+            cached_pages=len(self._cached), adapter_pages=ad,
             pinned_adapter_pages=sum(s.num_pages for s in pinned), sequences=len(self._seqs),
             adapters=len(self._adapters), pinned_adapters=len(pinned), loads=self._loads,
-            evictions=self._evictions)
+            evictions=self._evictions, block_evictions=self._block_evictions)

@@ -27,7 +27,7 @@ CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_
 @dataclass(frozen=True)
 class EngineConfig:
     max_num_seqs: int = 64               # sequences in one batch at most
-    max_num_batched_tokens: int = 2048   # rows of one forward pass (prefill budget)
+    max_num_batched_tokens: int = 2048   # rows of one forward pass, shared by decodes and prefill pieces
     max_model_len: int = 1024            # prompt + output tokens of one sequence
     num_pages: int = 1024                # pages per layer of the unified pool
     block_size: int = 16                 # tokens per KV page
@@ -36,6 +36,8 @@ class EngineConfig:
     max_lora_rank: int = 64              # largest adapter rank served
     dtype: str = "float32"               # model and pool element type
     heartbeat_s: float = 5.0             # idle message to the other ranks, keeps their wait short
+    enable_chunked_prefill: bool = True  # long prompts fed in pieces within the step budget, beside decodes
+    enable_prefix_caching: bool = True   # full KV blocks shared by requests of one adapter version
 
     @classmethod
     def from_overrides(cls, overrides: Mapping[str, Any], what: str = "engine settings") -> EngineConfig:

@@ -9,10 +9,12 @@ in actors; tests may also run them in plain processes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -24,6 +26,7 @@ from bdlora_ray.comm import Comm
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.errors import AdapterNotFound
 from bdlora_ray.lora.batch import LoraBatch
+from bdlora_ray.lora.layout import AdapterLayout
 from bdlora_ray.lora.slots import SlotTables
 from bdlora_ray.lora.shard import AdapterMeta, load_peft_adapter, shard_adapter
 from bdlora_ray.memory import PagePool, PoolConfig
@@ -33,8 +36,10 @@ log = logging.getLogger(__name__)
 
 
 class ShardSource(Protocol):
-    def get_shard(self, name: str, tp_rank: int) -> tuple[AdapterMeta, dict[str, Tensor]]:
-        """This rank's validated shard of adapter `name`; typed errors otherwise."""
+    def get_shard(self, name: str, tp_rank: int) -> tuple[AdapterMeta, dict[str, Tensor], str | None]:
+        """This rank's validated shard of adapter `name` and the adapter's version (a digest of all
+        its files: it changes when the adapter is pushed again; None if unknown, which keeps its KV
+        out of the prefix cache); typed errors otherwise. A (meta, shard) pair means version None."""
 
 
 class LocalShardSource:
@@ -43,12 +48,20 @@ class LocalShardSource:
     def __init__(self, adapters: dict[str, tuple[str, str | None]], cfg: LlamaConfig, tp: int) -> None:
         self.adapters, self.cfg, self.tp = adapters, cfg, tp  # name -> (PEFT dir, mode or None)
 
-    def get_shard(self, name: str, tp_rank: int) -> tuple[AdapterMeta, dict[str, Tensor]]:
+    def get_shard(self, name: str, tp_rank: int) -> tuple[AdapterMeta, dict[str, Tensor], str]:
         if name not in self.adapters:
             raise AdapterNotFound(f"adapter {name!r} does not exist")
         path, mode = self.adapters[name]
+        digest = hashlib.sha256(repr(mode).encode())
+        for f in sorted(Path(path).iterdir()):
+            if f.is_file():
+                digest.update(f.name.encode() + b"\0" + f.read_bytes())
         shards = shard_adapter(load_peft_adapter(path, name), self.cfg, self.tp, mode)
-        return shards.meta, shards.ranks[tp_rank]
+        return shards.meta, shards.ranks[tp_rank], digest.hexdigest()
+
+
+def _with_version(shard: tuple) -> tuple[AdapterMeta, dict[str, Tensor], str | None]:
+    return (shard[0], shard[1], shard[2] if len(shard) > 2 else None)
 
 
 def _nbytes(tensors: dict[str, Tensor]) -> int:
@@ -90,7 +103,7 @@ class TPWorker:
         self.pool = PagePool(pool_config, listener=self.slots)
         self.kv_views = [self.pool.kv_cache(layer) for layer in range(cfg.num_layers)]
         # Fetched, not yet in the pool, oldest first; at most max_host_bytes of them (see fetch_adapter).
-        self.host: OrderedDict[str, tuple[AdapterMeta, dict[str, Tensor]]] = OrderedDict()
+        self.host: OrderedDict[str, tuple[AdapterMeta, dict[str, Tensor], str | None]] = OrderedDict()
         self.max_host_bytes = max_host_bytes
         # fetch_adapter runs on the engine's fetch threads, several at once, beside the loop's loads.
         self._host_lock = threading.Lock()
@@ -103,13 +116,14 @@ class TPWorker:
 
     def fetch_adapter(self, name: str) -> int:
         """Bring this rank's shard of `name` into host memory; returns its bytes."""
-        meta, tensors = self.source.get_shard(name, self.rank)
+        entry = _with_version(self.source.get_shard(name, self.rank))
+        tensors = entry[1]
         with self._host_lock:
             self.host.pop(name, None)
-            self.host[name] = (meta, tensors)
+            self.host[name] = entry
             # A shard whose requests went away (aborted, expired) never gets its load op: without a bound
             # such shards would pile up. The oldest go first; a load op that still comes fetches again.
-            while len(self.host) > 1 and sum(_nbytes(t) for _, t in self.host.values()) > self.max_host_bytes:
+            while len(self.host) > 1 and sum(_nbytes(e[1]) for e in self.host.values()) > self.max_host_bytes:
                 dropped, _ = self.host.popitem(last=False)
                 log.info("rank %d: dropped fetched adapter %s, never loaded (host budget %d bytes)",
                          self.rank, dropped, self.max_host_bytes)
@@ -126,13 +140,25 @@ class TPWorker:
                 with self._host_lock:
                     entry = self.host.get(name)
                 if entry is None:  # dropped again at once by other fetches' budget: use a private copy
-                    entry = self.source.get_shard(name, self.rank)
-            meta, tensors = entry
-            slot = self.pool.load_adapter(name, tensors, meta)
+                    entry = _with_version(self.source.get_shard(name, self.rank))
+            meta, tensors, version = entry
+            slot = self.pool.load_adapter(name, tensors, meta, version=version)
             with self._host_lock:
                 self.host.pop(name, None)  # the pool holds it now
             return slot
         return getattr(self.pool, op)(*args)
+
+    def adapter_needs(self, name: str) -> tuple[str | None, int] | None:
+        """(version, pages a load would take) of adapter `name`, from the pool or this rank's host copy;
+        None when neither holds it (a load would fetch it first)."""
+        if name in self.pool:
+            return self.pool.adapter(name).version, 0
+        with self._host_lock:
+            entry = self.host.get(name)
+        if entry is None:
+            return None
+        layout = AdapterLayout.from_shard(self.cfg.num_layers, entry[1])
+        return entry[2], layout.num_pages(self.pool.config.elems_per_page)
 
     # ---- steps -------------------------------------------------------------
 

@@ -75,8 +75,9 @@ def _num(d: object, key: str) -> float:
 class GroupStatsCollector(Collector):
     """Engine gauges from the latest `EngineGroup.stats()` of every group, summed.
 
-    Reads `waiting`, `running` and `pool` (rank 0's `PoolUsage.to_dict()`:
-    `<kind>_pages`, `adapters`, `loads`, `evictions`); missing keys read as 0.
+    Reads `waiting`, `running`, `pool` (rank 0's `PoolUsage.to_dict()`:
+    `<kind>_pages`, `adapters`, `loads`, `evictions`, `block_evictions`) and the engine's
+    `counters` (`prefix_cache_queries`, `prefix_cache_hits`); missing keys read as 0.
     """
 
     def __init__(self) -> None:
@@ -110,6 +111,13 @@ class GroupStatsCollector(Collector):
                      sum(_num(p, "loads") for p in pools))
         yield _gauge("bdlora_adapter_evictions", "Adapter evictions from the pools, summed over live groups",
                      sum(_num(p, "evictions") for p in pools))
+        yield _gauge("bdlora_kv_block_evictions", "Cached KV blocks evicted from the pools, summed over live groups",
+                     sum(_num(p, "block_evictions") for p in pools))
+        counters = [s.get("counters", {}) for s in stats]
+        yield _gauge("bdlora_prefix_cache_queries", "Prompt tokens looked up in the prefix cache at admission, "
+                     "summed over live groups", sum(_num(c, "prefix_cache_queries") for c in counters))
+        yield _gauge("bdlora_prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed again), "
+                     "summed over live groups", sum(_num(c, "prefix_cache_hits") for c in counters))
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

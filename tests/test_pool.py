@@ -224,3 +224,50 @@ def test_packing_bench_runs_and_counts_consistently(tmp_path, capsys):
     assert res["per_rank"][-1]["exact_bytes"] == res["fixed_slot_bytes"]  # rank 64 == max rank
     # Ranks 8..64 average 30, slots hold 64: paging fits about twice as many.
     assert 1.8 < res["ratio"] < 2.5
+
+
+def test_prefix_blocks_are_shared_cached_and_evicted_lru_with_idle_adapters():
+    meta, shard = make_shard(8, seed=5)
+    n = pages_of(shard)
+    pool = make_pool(n + 6)
+    assert pool.allocate_kv("a", 3 * BLOCK) == [0, 1, 2]
+    assert pool.cache_blocks("a", 0, ["h0", "h1"]) == 2 and pool.cached_page("h1") == 1
+    assert pool.share_kv("b", [0, 1]) == [0, 1] and pool.allocate_kv("b", 2 * BLOCK + 1) == [0, 1, 3]
+    assert pool.cache_blocks("b", 0, ["h0", "h1"]) == 0     # registered already: nothing changes
+    assert pool.cache_blocks("b", 2, ["h0"]) == 0           # a hash held by another page stays there
+    assert (pool.usage().kv_pages, pool.usage().sequences) == (4, 2)  # shared pages count once
+    pool.free_kv("a")                                       # 0, 1 still used by b; 2 was never registered
+    assert (pool.usage().cached_pages, pool.usage().free_pages) == (0, n + 3)
+    pool.load_adapter("x", shard, meta)                     # idle, and used before b lets go of its blocks
+    pool.free_kv("b")
+    u = pool.usage()
+    assert (u.kv_pages, u.cached_pages, u.free_pages, u.adapter_pages) == (0, 2, 4, n)
+    with pytest.raises(ValueError):
+        pool.share_kv("c", [3])                             # not a registered block
+    # The adapter is the least recently used: it goes before the cached blocks.
+    pool.allocate_kv("c", BLOCK * (n + 4))
+    assert "x" not in pool and pool.cached_page("h0") == 0 and pool.cached_page("h1") == 1
+    # Then the cached blocks, the later block of a sequence first (freed first, as vLLM does).
+    pool.allocate_kv("c", BLOCK * (n + 5))
+    assert pool.cached_page("h1") is None and pool.cached_page("h0") == 0 and pool.usage().block_evictions == 1
+    pool.allocate_kv("c", BLOCK * (n + 6))
+    before = pool.usage()
+    assert before.cached_pages == 0 and before.free_pages == 0 and before.block_evictions == 2
+    with pytest.raises(PoolExhausted):
+        pool.allocate_kv("c", BLOCK * (n + 7))
+    assert pool.usage() == before
+    pool.free_kv("c")
+    assert pool.usage().free_pages == n + 6
+
+
+def test_blocks_released_before_an_adapter_was_used_go_first():
+    meta, shard = make_shard(8, seed=6)
+    n = pages_of(shard)
+    pool = make_pool(n + 2)
+    pool.allocate_kv("a", 2 * BLOCK)
+    pool.cache_blocks("a", 0, ["h0", "h1"])
+    pool.free_kv("a")
+    pool.load_adapter("x", shard, meta)
+    pool.allocate_kv("b", BLOCK)                            # one cached block gives way, not the adapter
+    assert "x" in pool and pool.usage().cached_pages == 1 and pool.usage().block_evictions == 1
+    assert pool.available() == 1 + n and pool.available(keep="x") == 1 and pool.available(reuse=(0,)) == n

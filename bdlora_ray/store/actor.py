@@ -33,7 +33,7 @@ from torch import Tensor
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.errors import AdapterInvalid, AdapterNotFound
 from bdlora_ray.lora.shard import AdapterMeta
-from bdlora_ray.store.manifest import Manifest, check_name
+from bdlora_ray.store.manifest import Manifest, check_name, sha256_hex
 from bdlora_ray.store.s3 import AdapterBucket, AdapterInfo, S3Config
 from bdlora_ray.store.validate import DEFAULT_MAX_HEADER_BYTES, validate_shard
 
@@ -66,6 +66,7 @@ class ShardBlob:
     buffer: np.ndarray   # (nbytes,) uint8, every tensor back to back at _ALIGN-aligned offsets
     index: tuple[tuple[str, str, tuple[int, ...], int], ...]  # (tensor name, torch dtype name, shape, byte offset)
     sha256: str = ""     # of the shard file it came from: which version of the adapter this is
+    version: str = ""    # sha256 of the adapter's manifest (all ranks' files): keys its KV in the prefix cache
 
     @property
     def nbytes(self) -> int:
@@ -73,7 +74,7 @@ class ShardBlob:
 
     @classmethod
     def pack(cls, name: str, tp_rank: int, meta: AdapterMeta, tensors: dict[str, Tensor],
-             sha256: str = "") -> "ShardBlob":
+             sha256: str = "", version: str = "") -> "ShardBlob":
         index, offset = [], 0
         for k, t in tensors.items():
             index.append((k, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset))
@@ -83,7 +84,7 @@ class ShardBlob:
         for (k, dtype, shape, off), t in zip(index, tensors.values()):
             n = t.numel() * t.element_size()
             flat[off:off + n].view(t.dtype).copy_(t.reshape(-1))
-        return cls(name, tp_rank, meta, buffer, tuple(index), sha256)
+        return cls(name, tp_rank, meta, buffer, tuple(index), sha256, version)
 
     def tensors(self) -> dict[str, Tensor]:
         """The shard's tensors as views of `buffer` (no copy). Read-only: copy before writing."""
@@ -294,7 +295,7 @@ class AdapterStore:
                     return self._load_shard(name, tp_rank, recheck=False)
                 self.invalidate(name)  # the same, and broken: keep nothing of it
             raise
-        blob = ShardBlob.pack(name, tp_rank, m.meta, tensors, f.sha256)
+        blob = ShardBlob.pack(name, tp_rank, m.meta, tensors, f.sha256, sha256_hex(m.to_json()))
         with self._lock:
             if self._manifests.get(name) is m:  # else invalidated meanwhile: hand it out, keep nothing
                 self._stats.evictions += self._cache.put((name, tp_rank), blob)
