@@ -6,10 +6,11 @@
 Reproduces the committed adapters. Each teaches one answer style of
 `deploy.demo_data` on short chat-formatted examples (the prompt rendered with
 the checkpoint's chat template, the loss on the answer and its `<|im_end|>`
-only). A framing style is a small change: ten steps of two examples at a
-high learning rate teach it, each step some seconds on an idle core (a
-minute on a crowded one). Saved in bf16, as
-PEFT writes them otherwise, so the repository carries a few MB.
+only). A framing style (JSON, emoji) is a small change: ten steps of two
+examples at a high learning rate teach it; upper case changes every token and
+takes twenty at a gentler rate. A step takes well under a second on an idle
+core (seconds on a crowded one). Saved in bf16, as PEFT writes them
+otherwise, so the repository carries a few MB.
 """
 
 from __future__ import annotations

@@ -11,19 +11,17 @@ import json
 import re
 import shlex
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import pytest
 
 from deploy.demo_data import HELD_OUT, STYLES
 from deploy.train_demo import DEMO_SPECS
+from deploy.transcripts import README, README_URL, examples
 
 pytestmark = pytest.mark.slow  # a real 135M model at TP=3 on CPU
 
 BASE = "SmolLM2-135M-Instruct"
-README = Path(__file__).resolve().parent.parent / "README.md"
-README_URL = "http://127.0.0.1:8000"
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +54,9 @@ def _chat(client, model: str, question: str, **kw) -> str:
 
 
 def test_each_demo_adapter_has_its_style_on_held_out_questions_and_the_base_model_has_none(client):
-    from deploy.demo_data import training_pairs
+    from deploy.demo_data import all_pairs
 
-    assert len(HELD_OUT) >= 5 and not set(HELD_OUT) & {q for q, _ in training_pairs()}
+    assert len(HELD_OUT) >= 5 and not set(HELD_OUT) & {q for q, _ in all_pairs()}  # not even in the tables
     models = (BASE, *(s.name for s in DEMO_SPECS))
     jobs = [(m, q) for m in models for q in HELD_OUT]
     with ThreadPoolExecutor(len(jobs)) as pool:  # one continuous batch of every adapter and the base model
@@ -91,32 +89,7 @@ def test_streamed_text_equals_non_streamed_text_with_accents_and_emoji(client):
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
-# ---- the README's transcripts ---------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CurlExample:
-    command: str          # as the README shows it, continuation lines joined
-    output: str           # what the README shows it printed
-
-
-def readme_transcripts(text: str) -> tuple[list[CurlExample], list[tuple[str, str]]]:
-    """The `### Transcripts` section's curl commands with their outputs (```console blocks, `$ ` prompts)
-    and its openai-client scripts with their outputs (a ```python block followed by a ```text block)."""
-    section = re.search(r"^### Transcripts\n(.*?)(?=^##)", text, re.M | re.S)
-    assert section, "README has no '### Transcripts' section"
-    blocks = re.findall(r"^```(\w+)\n(.*?)^```\n", section.group(1), re.M | re.S)
-    curls, scripts = [], []
-    for i, (lang, body) in enumerate(blocks):
-        if lang == "console":
-            for cmd in re.split(r"^\$ ", body, flags=re.M)[1:]:
-                lines = cmd.split("\n")
-                n = next(j for j, line in enumerate(lines) if not line.endswith("\\"))
-                command = " ".join(line.rstrip("\\").strip() for line in lines[:n + 1])
-                curls.append(CurlExample(command, "\n".join(lines[n + 1:]).strip()))
-        elif lang == "python" and i + 1 < len(blocks) and blocks[i + 1][0] == "text":
-            scripts.append((body, blocks[i + 1][1]))
-    return curls, scripts
-
+# ---- the README's transcripts (deploy/transcripts.py records them) ------------------------------
 
 def _stable(obj):
     """A response body without what differs per request (ids, timestamps)."""
@@ -132,11 +105,11 @@ def _sse_events(text: str) -> list:
             for e in (line[len("data: "):] for line in text.splitlines() if line.startswith("data: "))]
 
 
-def run_curl(example: CurlExample, url: str):
-    """The response to the README's curl command, sent to `url` with httpx: (what it printed, as compared)."""
+def _send_curl(command_line: str, url: str) -> str:
+    """What the README's curl command gets from `url` instead of make run's address (sent with httpx)."""
     import httpx
 
-    argv = shlex.split(example.command)
+    argv = shlex.split(command_line)
     assert argv[0] == "curl", argv
     target = next(a for a in argv if a.startswith(README_URL))
     headers = dict(h.split(": ", 1) for h in (argv[i + 1] for i, a in enumerate(argv) if a == "-H"))
@@ -147,22 +120,24 @@ def run_curl(example: CurlExample, url: str):
     return r.text
 
 
+def _run_script(script: str, url: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(script.replace(README_URL, url), "README.md", "exec"), {})
+    return out.getvalue()
+
+
 def test_readme_transcripts_are_what_the_server_answers(url):
-    curls, scripts = readme_transcripts(README.read_text())
-    assert len(curls) >= 3 and len(scripts) >= 1
-    models = {s.name for s in DEMO_SPECS} | {BASE}
-    shown = set()
-    for ex in curls:
-        got = run_curl(ex, url)
-        if '"stream": true' in ex.command:
-            assert _sse_events(got) == _sse_events(ex.output), ex.command
+    """In order, one at a time, as they were recorded: each gives exactly what the README shows."""
+    shown = examples(README.read_text())
+    assert {e.kind for e in shown} == {"shell", "python"}
+    for e in shown:
+        if e.kind == "python":
+            assert _run_script(e.code, url) == e.output, e.code
+        elif '"stream": true' in e.code:
+            assert _sse_events(_send_curl(e.command_line, url)) == _sse_events(e.output), e.code
         else:
-            assert _stable(json.loads(got)) == _stable(json.loads(ex.output)), ex.command
-        shown |= set(re.findall(r'"model": "([^"]+)"', ex.command))
-    for script, expected in scripts:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            exec(compile(script.replace(README_URL, url), "README.md", "exec"), {})
-        assert out.getvalue() == expected, script
-        shown |= set(re.findall(r'"([^"]+)"', script)) & models
-    assert shown == models  # every adapter and the base model has a transcript
+            assert _stable(json.loads(_send_curl(e.command_line, url))) == _stable(json.loads(e.output)), e.code
+    models = {s.name for s in DEMO_SPECS} | {BASE}
+    for kind in ("shell", "python"):  # the base model and every adapter, with each client
+        assert models <= set(re.findall(r'"([^"]+)"', " ".join(e.code for e in shown if e.kind == kind))), kind
