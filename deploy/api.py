@@ -1,10 +1,16 @@
 """The OpenAI-compatible HTTP API (FastAPI) over a `Router` of replica groups.
 
-    POST   /v1/completions, /v1/chat/completions   `model` = adapter name or the base model's name
-    GET    /v1/models                              base model + adapters in the store
+    POST   /v1/completions, /v1/chat/completions   `model` = adapter name, the base model's name,
+                                                   or `base:adapter` (Ray Serve LLM's form)
+    GET    /v1/models, /v1/models/{id}             base model + adapters in the store
     POST   /v1/adapters {"name"}                   load (admin)
     DELETE /v1/adapters/{name}                     unload from every group (admin)
+    POST   /v1/load_lora_adapter, /v1/unload_lora_adapter {"lora_name"}   vLLM's spelling of both (admin)
     GET    /health, /metrics
+
+`n` choices and a list of prompts fan out into one engine request per choice
+(index = prompt * n + j; choice j > 0 of a seeded request uses seed + j, as
+vLLM does); they are batched together by the engine like any requests.
 
 Every error is OpenAI's body `{"error": {message, type, param, code}}` with
 the typed error's status (503s with Retry-After); FastAPI's validation errors
@@ -16,6 +22,8 @@ mid-stream has its request aborted.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -26,14 +34,14 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bdlora_ray.errors import BdloraError, error_from_name, log_incident
-from bdlora_ray.request import RequestOutput, coalesced
+from bdlora_ray.errors import AdapterNotFound, BdloraError, InvalidRequest, error_from_name, log_incident
+from bdlora_ray.request import RequestOutput, SamplingParams, TokenLogprob, coalesced
 from bdlora_ray.store.manifest import check_name
 from deploy.config import ApiConfig
 from deploy.metrics import ApiMetrics
@@ -44,9 +52,12 @@ from deploy.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    LoraAdapterRequest,
     ModelCard,
     ModelList,
     Usage,
+    chat_logprobs,
+    completion_logprobs,
     error_body,
     error_type,
 )
@@ -56,6 +67,7 @@ from deploy.serving import ErrorInfo, PromptInput
 log = logging.getLogger(__name__)
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_SEQUENCES = 64                  # engine requests (prompts x n) one API request may start
 
 
 class Unauthorized(BdloraError):
@@ -200,45 +212,58 @@ class _Format:
 
     prefix = "cmpl"
 
-    def opening(self, rid: str, model: str) -> list[dict]:
+    def opening(self, rid: str, model: str, index: int) -> list[dict]:
         return []
 
-    def chunk(self, rid: str, model: str, text: str, finish: str | None) -> list[dict]:
+    def logprobs(self, lps: tuple[TokenLogprob, ...] | None, offset: int) -> dict | None:
+        return None if lps is None else completion_logprobs(lps, offset)
+
+    def chunk(self, rid: str, model: str, index: int, text: str, finish: str | None,
+              logprobs: dict | None = None) -> list[dict]:
         if not text and finish is None:
             return []  # e.g. a token that ends mid-way through a UTF-8 character
-        return [CompletionResponse(id=rid, model=model, choices=[{"text": text, "finish_reason": finish}])
-                .model_dump()]
+        return [CompletionResponse(id=rid, model=model, choices=[
+            {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]).model_dump()]
 
     def usage_chunk(self, rid: str, model: str, usage: Usage) -> dict:
         return CompletionResponse(id=rid, model=model, choices=[], usage=usage).model_dump()
 
-    def response(self, rid: str, model: str, text: str, finish: str | None, usage: Usage) -> dict:
-        return CompletionResponse(id=rid, model=model, choices=[{"text": text, "finish_reason": finish}],
-                                  usage=usage).model_dump()
+    def response(self, rid: str, model: str, choices: list[tuple[int, str, str | None, dict | None]],
+                 usage: Usage) -> dict:
+        return CompletionResponse(id=rid, model=model, usage=usage, choices=[
+            {"index": i, "text": text, "finish_reason": finish, "logprobs": lp}
+            for i, text, finish, lp in choices]).model_dump()
 
 
 class _ChatFormat(_Format):
     prefix = "chatcmpl"
 
-    def opening(self, rid: str, model: str) -> list[dict]:
-        return [ChatCompletionChunk(id=rid, model=model,
-                                    choices=[{"delta": {"role": "assistant", "content": ""}}]).model_dump()]
+    def opening(self, rid: str, model: str, index: int) -> list[dict]:
+        return [ChatCompletionChunk(id=rid, model=model, choices=[
+            {"index": index, "delta": {"role": "assistant", "content": ""}}]).model_dump()]
 
-    def chunk(self, rid: str, model: str, text: str, finish: str | None) -> list[dict]:
+    def logprobs(self, lps: tuple[TokenLogprob, ...] | None, offset: int) -> dict | None:
+        return None if lps is None else chat_logprobs(lps)
+
+    def chunk(self, rid: str, model: str, index: int, text: str, finish: str | None,
+              logprobs: dict | None = None) -> list[dict]:
         out = []
-        if text:
-            out.append(ChatCompletionChunk(id=rid, model=model, choices=[{"delta": {"content": text}}]).model_dump())
+        if text or logprobs:
+            out.append(ChatCompletionChunk(id=rid, model=model, choices=[
+                {"index": index, "delta": {"content": text}, "logprobs": logprobs}]).model_dump())
         if finish is not None:  # OpenAI ends with an empty delta carrying the finish reason
             out.append(ChatCompletionChunk(id=rid, model=model,
-                                           choices=[{"delta": {}, "finish_reason": finish}]).model_dump())
+                                           choices=[{"index": index, "delta": {}, "finish_reason": finish}]).model_dump())
         return out
 
     def usage_chunk(self, rid: str, model: str, usage: Usage) -> dict:
         return ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage).model_dump()
 
-    def response(self, rid: str, model: str, text: str, finish: str | None, usage: Usage) -> dict:
+    def response(self, rid: str, model: str, choices: list[tuple[int, str, str | None, dict | None]],
+                 usage: Usage) -> dict:
         return ChatCompletionResponse(id=rid, model=model, usage=usage, choices=[
-            {"message": {"role": "assistant", "content": text}, "finish_reason": finish}]).model_dump()
+            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": lp}
+            for i, text, finish, lp in choices]).model_dump()
 
 
 def _engine_error(ev: RequestOutput) -> ErrorInfo:
@@ -277,6 +302,98 @@ class _Accounting:
             self.metrics.generation_done(self.adapter, self.prompt, self.completion)
 
 
+@dataclasses.dataclass
+class _Run:
+    """One choice of a response: its engine request and what has come of it."""
+
+    index: int                                   # choices[index]
+    inp: PromptInput
+    prompt: int                                  # which prompt (usage counts each prompt once)
+    echo: str = ""                               # the prompt text, when echoed
+    events: AsyncGenerator[RequestOutput, None] | None = None
+    first: RequestOutput | None = None
+    acct: _Accounting | None = None
+    text: list[str] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    chars: int = 0                               # characters of text so far (completions' text_offset)
+
+
+def _choice_params(params: SamplingParams, j: int) -> SamplingParams:
+    """Choice j of n: its own seed (seed + j), so that every choice differs and all reproduce."""
+    return params if j == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + j)
+
+
+def _usage(runs: list[_Run]) -> Usage:
+    prompts: dict[int, int] = {}
+    for r in runs:
+        prompts[r.prompt] = max(prompts.get(r.prompt, 0), r.acct.prompt)
+    return Usage.of(sum(prompts.values()), sum(r.acct.completion for r in runs))
+
+
+def _first_error(e: BaseException) -> BaseException:
+    """The error a response reports for a failed group of choices (a typed one if there is one)."""
+    while isinstance(e, BaseExceptionGroup):
+        typed = [x for x in e.exceptions if isinstance(x, BdloraError)]
+        e = (typed or list(e.exceptions))[0]
+    return e
+
+
+async def _each(runs: list[_Run], step: Any) -> None:
+    """`await step(run)` for every run, concurrently (directly for one); the first failure cancels the
+    others and is raised."""
+    if len(runs) == 1:
+        await step(runs[0])
+        return
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for r in runs:
+                tg.create_task(step(r))
+    except BaseExceptionGroup as eg:
+        raise _first_error(eg) from None
+
+
+async def _merged(runs: list[_Run]) -> AsyncIterator[tuple[_Run, RequestOutput | BdloraError]]:
+    """Every run's events (from its first) as they come, across runs; a run's error ends its events."""
+    async def events_of(r: _Run) -> AsyncIterator[RequestOutput | BdloraError]:
+        ev = r.first
+        while True:
+            yield ev
+            if ev.finished:
+                return
+            try:
+                ev = await anext(r.events)
+            except BdloraError as e:
+                yield e
+                return
+
+    if len(runs) == 1:  # the common case: no task, no queue
+        async for ev in events_of(runs[0]):
+            yield runs[0], ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(r: _Run) -> None:
+        try:
+            async for ev in events_of(r):
+                await queue.put((r, ev))
+        finally:
+            await queue.put((r, None))
+
+    tasks = [asyncio.create_task(pump(r)) for r in runs]
+    try:
+        live = len(runs)
+        while live:
+            r, ev = await queue.get()
+            if ev is None:
+                live -= 1
+            else:
+                yield r, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class OpenAIRoutes:
     """The API's route handlers, one method per route; `make_api` registers them (see `ROUTES`)."""
 
@@ -287,22 +404,42 @@ class OpenAIRoutes:
 
     async def completions(self, body: CompletionRequest) -> Response:
         params = body.sampling_params(body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS)
-        p = body.prompt
-        inp = PromptInput(f"cmpl-{uuid.uuid4().hex}", self.adapter_of(body.model), params,
-                          text=p if isinstance(p, str) else None, token_ids=None if isinstance(p, str) else tuple(p),
-                          stream=body.stream)
-        return await self.generate(inp, body.stream, body.include_usage, _Format())
+        adapter, prompts = self.adapter_of(body.model), body.prompts()
+        if len(prompts) * body.n > MAX_SEQUENCES:
+            raise InvalidRequest(f"prompts x n is {len(prompts) * body.n}; at most {MAX_SEQUENCES} in one request")
+        if body.echo and (body.logprobs is not None or not all(isinstance(p, str) for p in prompts)):
+            raise InvalidRequest("echo is supported for text prompts without logprobs")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        runs = [_Run(i * body.n + j, PromptInput(
+            rid if len(prompts) * body.n == 1 else f"{rid}-{i * body.n + j}", adapter, _choice_params(params, j),
+            text=p if isinstance(p, str) else None, token_ids=None if isinstance(p, str) else tuple(p),
+            stream=body.stream), i, echo=p if body.echo else "")
+            for i, p in enumerate(prompts) for j in range(body.n)]
+        return await self.generate(rid, body.model, runs, body.stream, body.include_usage, _Format())
 
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         adapter = self.adapter_of(body.model)
         wanted = body.requested_max_tokens
         params = body.sampling_params(wanted or 1)  # without max_tokens: the rest of the context, set by the group
         messages = tuple((m["role"], m["content"]) for m in body.chat())
-        inp = PromptInput(f"chatcmpl-{uuid.uuid4().hex}", adapter, params, messages=messages,
-                          max_tokens_from_context=wanted is None, stream=body.stream)
-        return await self.generate(inp, body.stream, body.include_usage, _ChatFormat())
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        runs = [_Run(j, PromptInput(rid if body.n == 1 else f"{rid}-{j}", adapter, _choice_params(params, j),
+                                    messages=messages, max_tokens_from_context=wanted is None, stream=body.stream), 0)
+                for j in range(body.n)]
+        return await self.generate(rid, body.model, runs, body.stream, body.include_usage, _ChatFormat())
 
     async def models(self) -> dict:
+        return ModelList(data=await self._cards()).model_dump()
+
+    async def model(self, model_id: str) -> dict:
+        """GET /v1/models/{id}: the card of the base model or of an adapter (also as `base:adapter`)."""
+        adapter = self.adapter_of(model_id)
+        for card in await self._cards():
+            if card.id == (adapter or self.config.model_name):
+                return card.model_copy(update={"id": model_id}).model_dump()
+        raise AdapterNotFound(f"model {model_id!r} not found")
+
+    async def _cards(self) -> list[ModelCard]:
         base = self.config.model_name
         cards = [ModelCard(id=base, root=base)]
         adapters = await self.router.list_adapters()
@@ -311,7 +448,7 @@ class OpenAIRoutes:
             if a.get("error"):
                 continue  # in the store but not servable here (the store logged why; `bdlora ls` shows it)
             cards.append(ModelCard(id=a["name"], root=base, parent=base, rank=a.get("rank"), mode=a.get("mode")))
-        return ModelList(data=cards).model_dump()
+        return cards
 
     async def load_adapter(self, body: AdapterLoadRequest) -> dict:
         name = check_name(body.name)
@@ -322,6 +459,17 @@ class OpenAIRoutes:
         name = check_name(name)
         groups = await self.router.unload_adapter(name)
         return {"object": "adapter", "name": name, "status": "unloaded", "groups": groups}
+
+    async def load_lora_adapter(self, body: LoraAdapterRequest) -> Response:
+        """vLLM's POST /v1/load_lora_adapter: the adapter named `lora_name` from the adapter store."""
+        name = self.adapter_of(body.lora_name) or ""
+        await self.load_adapter(AdapterLoadRequest(name=name))
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora_adapter(self, body: LoraAdapterRequest) -> Response:
+        name = self.adapter_of(body.lora_name) or ""
+        await self.unload_adapter(name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def health(self) -> dict:
         await self.router.check_health()
@@ -348,66 +496,92 @@ class OpenAIRoutes:
             raise Unauthorized("this endpoint needs 'Authorization: Bearer <admin token>'")
 
     def adapter_of(self, model: str) -> str | None:
-        """The adapter a request's `model` names; None for the base model."""
-        return None if model == self.config.model_name else check_name(model)
+        """The adapter a request's `model` names (`adapter` or `base:adapter`); None for the base model."""
+        base = self.config.model_name
+        if model == base:
+            return None
+        return check_name(model.removeprefix(base + ":"))
 
-    async def generate(self, inp: PromptInput, stream: bool, include_usage: bool, fmt: _Format) -> Response:
-        """Runs one request: a JSON response, or an SSE stream once its first event has arrived."""
-        start, model = time.monotonic(), inp.adapter or self.config.model_name
-        events = coalesced(self.router.generate(inp))  # what came while a chunk was being sent goes as one
+    async def generate(self, rid: str, model: str, runs: list[_Run], stream: bool, include_usage: bool,
+                       fmt: _Format) -> Response:
+        """Runs the choices of one response: a JSON response, or an SSE stream once every choice's first
+        event has arrived (so that typed errors are HTTP errors)."""
+        start = time.monotonic()
+        for r in runs:
+            # What came while a chunk was being sent goes as one.
+            r.events, r.acct = coalesced(self.router.generate(r.inp)), _Accounting(self.metrics, r.inp.adapter, start)
+
+        async def first(r: _Run) -> None:
+            r.first = await anext(r.events)
+
         try:
-            first = await anext(events)  # typed errors surface here, before the response starts
+            await _each(runs, first)
         except BaseException:
-            await events.aclose()
+            await _close(runs, accepted=False)
             raise
-        acct = _Accounting(self.metrics, inp.adapter, start)
         if stream:
-            return SSEResponse(_stream(first, events, inp.request_id, model, include_usage, fmt, acct),
+            return SSEResponse(_stream(runs, rid, model, include_usage, fmt),
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            ev, text = first, []
-            while True:
-                acct.see(ev)
-                text.append(ev.text)
-                if ev.finished:
-                    break
-                ev = await anext(events)
+            await _each(runs, _collect)
         finally:
-            acct.end()
-            await events.aclose()  # early exit (cancelled: client gone) aborts the request
-        if ev.finish_reason == "error":
-            raise _engine_error(ev).error()
-        return JSONResponse(fmt.response(inp.request_id, model, "".join(text), ev.finish_reason, acct.usage()))
+            await _close(runs)  # early exit (cancelled: client gone) aborts the requests
+        return JSONResponse(fmt.response(rid, model, [
+            (r.index, r.echo + "".join(r.text), r.first.finish_reason,
+             fmt.logprobs(tuple(r.logprobs), len(r.echo)) if r.inp.params.logprobs is not None else None)
+            for r in runs], _usage(runs)))
 
 
-async def _stream(first: RequestOutput, events: AsyncGenerator[RequestOutput, None], rid: str, model: str,
-                  include_usage: bool, fmt: _Format, acct: _Accounting) -> AsyncIterator[str]:
-    """One request's server-sent events, starting from its first engine event; ends with [DONE]."""
+async def _close(runs: list[_Run], accepted: bool = True) -> None:
+    for r in runs:
+        if accepted:
+            r.acct.end()
+        await r.events.aclose()  # an unfinished request is aborted
+
+
+async def _collect(r: _Run) -> None:
+    """A choice's events to its end (r.first becomes the last); its engine error is raised."""
+    ev = r.first
+    while True:
+        r.acct.see(ev)
+        r.text.append(ev.text)
+        r.logprobs.extend(ev.logprobs or ())
+        if ev.finished:
+            break
+        ev = await anext(r.events)
+    r.first = ev
+    if ev.finish_reason == "error":
+        raise _engine_error(ev).error()
+
+
+async def _stream(runs: list[_Run], rid: str, model: str, include_usage: bool, fmt: _Format) -> AsyncIterator[str]:
+    """The server-sent events of a response's choices, from their first engine events; ends with [DONE]."""
     try:
-        for c in fmt.opening(rid, model):
-            yield sse(c)
-        ev = first
-        while True:
-            acct.see(ev)
+        for r in runs:
+            for c in fmt.opening(rid, model, r.index):
+                yield sse(c)
+        failed = False
+        async for r, ev in _merged(runs):
+            if isinstance(ev, BdloraError):  # headers are sent: report it in the stream
+                yield sse(error_body(str(ev), error_type(ev.http_status), ev.code))
+                failed = True
+                break
+            r.acct.see(ev)
             if ev.finish_reason == "error":
                 e = _engine_error(ev)
                 yield sse(error_body(e.message, error_type(e.status), e.code))
+                failed = True
                 break
-            for c in fmt.chunk(rid, model, ev.text, ev.finish_reason if ev.finished else None):
+            text, r.echo = r.echo + ev.text, ""
+            logprobs = fmt.logprobs(ev.logprobs, r.chars) if ev.logprobs is not None else None
+            r.chars += len(text)
+            for c in fmt.chunk(rid, model, r.index, text, ev.finish_reason if ev.finished else None, logprobs):
                 yield sse(c)
-            if ev.finished:
-                if include_usage:
-                    yield sse(fmt.usage_chunk(rid, model, acct.usage()))
-                break
-            try:
-                ev = await anext(events)
-            except BdloraError as e:  # headers are sent: report it in the stream
-                yield sse(error_body(str(e), error_type(e.http_status), e.code))
-                break
+        if include_usage and not failed:
+            yield sse(fmt.usage_chunk(rid, model, _usage(runs)))
         yield sse("[DONE]")
     finally:
-        acct.end()
-        await events.aclose()  # not finished (client gone): aborts the request
+        await _close(runs)  # not finished (client gone): aborts the requests
 
 
 # (method, path, OpenAIRoutes handler, needs the admin token)
@@ -415,8 +589,11 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("POST", "/v1/completions", "completions", False),
     ("POST", "/v1/chat/completions", "chat_completions", False),
     ("GET", "/v1/models", "models", False),
+    ("GET", "/v1/models/{model_id:path}", "model", False),
     ("POST", "/v1/adapters", "load_adapter", True),
     ("DELETE", "/v1/adapters/{name}", "unload_adapter", True),
+    ("POST", "/v1/load_lora_adapter", "load_lora_adapter", True),
+    ("POST", "/v1/unload_lora_adapter", "unload_lora_adapter", True),
     ("GET", "/health", "health", False),
     ("GET", "/metrics", "prometheus", False),
 )

@@ -13,6 +13,7 @@ so the ingress does not depend on how Ray re-raises remote exceptions.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -98,6 +99,8 @@ class GroupServer:
     def __init__(self, group: Group, remember: Callable[[str], Awaitable[Any]] | None = None) -> None:
         self.group = group
         self.remember = remember
+        # A token's text for logprobs (what vLLM shows: the token decoded alone), cached by id.
+        self._token_text = functools.lru_cache(maxsize=1 << 16)(lambda t: group.tokenizer.decode([t]))
 
     def prepare(self, inp: PromptInput) -> GenerationRequest:
         """Tokenize and check against the context length; InvalidRequest otherwise."""
@@ -152,7 +155,7 @@ class GroupServer:
                 if not started and inp.adapter is not None and out.finish_reason != "error":
                     await self._remember(inp.adapter)
                 started, finished = True, out.finished
-                yield out
+                yield self._named(out) if out.logprobs else out
                 if finished:
                     return
             raise RuntimeError(f"engine stream of {req.request_id} ended without a final event")
@@ -166,6 +169,13 @@ class GroupServer:
                 # The consumer left early (client disconnect): free the sequence's batch slot and pages.
                 # Shielded: a cancelled caller may be cancelled again at any await; the abort must go out.
                 await asyncio.shield(self._abort(req.request_id, stream))
+
+    def _named(self, out: RequestOutput) -> RequestOutput:
+        """`out` with the text of each token in its logprobs (the engine sends ids only)."""
+        text = self._token_text
+        return replace(out, logprobs=tuple(
+            replace(lp, token=text(lp.token_id), top=tuple(replace(t, token=text(t.token_id)) for t in lp.top))
+            for lp in out.logprobs or ()))
 
     async def _abort(self, request_id: str, stream: AsyncGenerator[RequestOutput, None]) -> None:
         log.info("aborting %s", request_id)

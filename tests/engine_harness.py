@@ -17,10 +17,10 @@ from bdlora_ray.worker import LocalShardSource, StepChannel, TPWorker
 
 
 def local_engine(cfg: LlamaConfig, checkpoint: Path, adapters: dict[str, tuple[str, str | None]],
-                 config: EngineConfig = EngineConfig(), block_size: int = 4) -> Engine:
+                 config: EngineConfig = EngineConfig(), block_size: int = 4, **engine_kw) -> Engine:
     pool = PoolConfig.for_model(cfg, 1, config.num_pages, block_size=block_size)
     worker = TPWorker(cfg, str(checkpoint), Comm(), pool, LocalShardSource(adapters, cfg, 1), StepChannel(1))
-    return Engine(worker, load_tokenizer(checkpoint), config)
+    return Engine(worker, load_tokenizer(checkpoint), config, **engine_kw)
 
 
 def run_to_completion(engine: Engine, reqs: list[GenerationRequest], timeout_s: float = 300,

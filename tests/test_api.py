@@ -265,11 +265,21 @@ def test_invalid_adapter_names_are_refused_before_reaching_a_group(name):
     ({"top_p": 0}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"top_k": -1}, "top_k"),
-    ({"n": 2}, "n"),
-    ({"logprobs": 2}, "logprobs"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"echo": True}, "echo"),
-    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"n": 17}, "n"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, None),     # SamplingParams.validate
+    ({"min_tokens": 5}, None),              # > max_tokens
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, None),
+    ({"echo": True, "logprobs": 1}, None),
+    ({"suffix": "s"}, "suffix"),
+    ({"prompt": ["a"] * 65}, "prompt"),
+    ({"prompt": ["a"] * 9, "n": 8}, None),  # 72 sequences
     ({"stream": "sometimes"}, "stream"),
     ({"model": None}, "model"),
     ({"stop": ["s"] * 17}, None),           # SamplingParams.validate
