@@ -35,6 +35,7 @@ from bdlora_ray.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 STORE_NAMESPACE = "bdlora"
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives every cluster's head node this resource
 
 
 def store_config(config: GroupConfig) -> StoreConfig:
@@ -51,6 +52,12 @@ def store_actor_name(config: GroupConfig) -> str:
     timeouts, max rank): a changed configuration gets a store of its own."""
     digest = hashlib.sha256(repr(store_config(config)).encode()).hexdigest()[:12]
     return f"{config.store_name or f'adapter-store-{config.served_name}-tp{config.tp}'}-{digest}"
+
+
+def _where(rank: int) -> dict:
+    """Where a TP rank runs (operators and tests find its process and node by it)."""
+    return {"rank": rank, "pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def unwrap(e: BaseException) -> BaseException:
@@ -134,7 +141,7 @@ class TPWorkerActor:
     async def info(self) -> dict:
         """Where this rank runs (operators and fault-injection tests find its process by it)."""
         self._count("info")
-        return {"rank": self.rank, "pid": os.getpid(), "node_ip": ray.util.get_node_ip_address()}
+        return _where(self.rank)
 
     async def setup(self, init_method: str, store: Any) -> None:
         self._count("setup")
@@ -213,8 +220,11 @@ class EngineGroup:
         # (its cache is only a cache). No credentials in its runtime_env: see _worker_env.
         # Outside this replica's placement group, which Serve makes capture what the replica creates:
         # the store must outlive the replica, and a PG is removed with its replica, actors and all.
+        # One per cluster, on the head node: the autoscaler removes worker nodes, never the head, so
+        # scaling down never takes the cache (or a fetch in progress) with it.
         self.store = AdapterStoreActor.options(name=store_actor_name(config), namespace=STORE_NAMESPACE,
                                                get_if_exists=True, lifetime="detached", max_restarts=-1,
+                                               resources={HEAD_NODE_RESOURCE: 0.001},
                                                scheduling_strategy=PlacementGroupSchedulingStrategy(None),
                                                runtime_env={"env_vars": _worker_env()}).remote(store_config(config))
         pg = placement_group or get_current_placement_group()
@@ -252,8 +262,7 @@ class EngineGroup:
         self.engine = Engine(self.worker, self.tokenizer, c.engine,
                              self._fetch_everywhere if self.workers else None, self._deliver)
         self.engine.start()
-        self.worker_info = [{"rank": 0, "pid": os.getpid(), "node_ip": ray.util.get_node_ip_address()},
-                            *ray.get([w.info.remote() for w in self.workers])]
+        self.worker_info = [_where(0), *ray.get([w.info.remote() for w in self.workers])]
 
     # ---- engine thread ---------------------------------------------------------------
 

@@ -133,7 +133,7 @@ def build_app(config: AppConfig, factory: GroupFactory | None = None) -> Applica
         max_ongoing_requests=spec.max_ongoing_requests,
         health_check_period_s=10,
         health_check_timeout_s=60,
-        graceful_shutdown_timeout_s=30,
+        graceful_shutdown_timeout_s=config.scaling.graceful_shutdown_timeout_s,  # scale-down drains
     ).bind(spec, factory)
     return Ingress.options(
         name="Ingress", num_replicas=api.ingress_replicas, max_ongoing_requests=api.max_ongoing_requests,

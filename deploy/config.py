@@ -13,6 +13,8 @@ variables (see README.md and deploy/serve_config.yaml):
     BDLORA_USE_GPU          1: one {"GPU": 1} bundle per TP worker
     BDLORA_NUM_GROUPS       fixed number of replica groups (sets min and max)
     BDLORA_MIN_GROUPS, BDLORA_MAX_GROUPS, BDLORA_TARGET_ONGOING_REQUESTS   autoscaling
+    BDLORA_UPSCALE_DELAY_S, BDLORA_DOWNSCALE_DELAY_S, BDLORA_LOOK_BACK_PERIOD_S   how fast Serve reacts to load
+    BDLORA_GRACEFUL_SHUTDOWN_TIMEOUT_S   how long a group being removed may take to finish its requests
     BDLORA_ADMIN_TOKEN      bearer token for POST/DELETE /v1/adapters (unset: open)
     BDLORA_S3_MAX_ATTEMPTS, BDLORA_S3_CONNECT_TIMEOUT_S, BDLORA_S3_READ_TIMEOUT_S   how long a cold adapter
                             may wait for an unreachable or throttling S3 before its request gets 503
@@ -49,15 +51,27 @@ class ScalingConfig:
     max_groups: int = 1
     initial_groups: int | None = None           # None: min_groups
     target_ongoing_requests: float = 32.0       # per group; above it Serve adds a group
+    # None: Serve's defaults (30 s, 600 s, 30 s). A new group means a new node: cloud minutes, so
+    # upscaling early matters less than not downscaling a node that the next burst needs again.
+    upscale_delay_s: float | None = None        # load above target this long before a group is added
+    downscale_delay_s: float | None = None      # load below target this long before a group is removed
+    look_back_period_s: float | None = None     # window the ongoing-request average is taken over
+    graceful_shutdown_timeout_s: float = 30.0   # a group being removed finishes its requests within this
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_groups <= self.max_groups:
             raise ValueError(f"need 1 <= min_groups <= max_groups, got {self.min_groups}, {self.max_groups}")
+        delays = (self.upscale_delay_s, self.downscale_delay_s, self.look_back_period_s)
+        if any(d is not None and d <= 0 for d in delays) or self.graceful_shutdown_timeout_s <= 0:
+            raise ValueError("autoscaling delays and the graceful shutdown timeout must be > 0")
 
     def autoscaling_config(self) -> dict[str, Any]:
+        delays = {"upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+                  "look_back_period_s": self.look_back_period_s}
         return {"min_replicas": self.min_groups, "max_replicas": self.max_groups,
                 "initial_replicas": self.initial_groups or self.min_groups,
-                "target_ongoing_requests": self.target_ongoing_requests}
+                "target_ongoing_requests": self.target_ongoing_requests,
+                **{k: v for k, v in delays.items() if v is not None}}
 
 
 @dataclass(frozen=True)
@@ -127,7 +141,11 @@ class AppConfig:
         fixed = r.int("NUM_GROUPS", 0)
         scaling = ScalingConfig(min_groups=fixed or r.int("MIN_GROUPS", 1),
                                 max_groups=fixed or r.int("MAX_GROUPS", max(1, r.int("MIN_GROUPS", 1))),
-                                target_ongoing_requests=r.float("TARGET_ONGOING_REQUESTS", 32.0))
+                                target_ongoing_requests=r.float("TARGET_ONGOING_REQUESTS", 32.0),
+                                upscale_delay_s=r.optional_float("UPSCALE_DELAY_S"),
+                                downscale_delay_s=r.optional_float("DOWNSCALE_DELAY_S"),
+                                look_back_period_s=r.optional_float("LOOK_BACK_PERIOD_S"),
+                                graceful_shutdown_timeout_s=r.float("GRACEFUL_SHUTDOWN_TIMEOUT_S", 30.0))
         api = ApiConfig(model_name=group.served_name, admin_token=r.str("ADMIN_TOKEN", ""),
                         max_body_bytes=r.int("MAX_BODY_BYTES", 4 << 20),
                         max_adapter_labels=r.int("MAX_ADAPTER_LABELS", 100),
@@ -161,6 +179,9 @@ class _Reader:
 
     def float(self, key: str, default: float) -> float:
         return self._parsed(key, default, float, "a number")
+
+    def optional_float(self, key: str) -> float | None:
+        return self._parsed(key, None, float, "a number")
 
     def bool(self, key: str, default: bool) -> bool:
         v = self._raw(key)

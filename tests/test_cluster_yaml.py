@@ -92,3 +92,21 @@ def test_the_app_is_importable_from_the_synced_checkout(cluster, serve_config):
     (checkout,) = [target for target, source in cluster["file_mounts"].items() if source == "."]
     assert app["runtime_env"]["env_vars"]["PYTHONPATH"] == checkout
     assert (ROOT / "deploy" / "__init__.py").is_file()
+
+
+def test_scaling_knobs_are_valid_for_serve_and_keep_nodes_for_the_groups(cluster, serve_config):
+    """The autoscaling chain of cluster.yaml and serve_config.yaml (README "Scaling"): Serve accepts
+    the knobs; its averaging window outlasts the 10 s between its metric reports; it removes groups
+    more slowly than it adds them (no flapping); it never asks for more groups than nodes can hold."""
+    from ray.serve.config import AutoscalingConfig
+
+    from deploy.config import AppConfig
+
+    (app,) = serve_config["applications"]
+    s = AppConfig.from_env(app["runtime_env"]["env_vars"]).scaling
+    knobs = AutoscalingConfig(**s.autoscaling_config())
+    assert knobs.upscale_delay_s == s.upscale_delay_s and knobs.downscale_delay_s == s.downscale_delay_s
+    assert s.min_groups < s.max_groups == _gpu_type(cluster)["max_workers"]
+    assert s.look_back_period_s > 10
+    assert s.downscale_delay_s > s.upscale_delay_s and s.graceful_shutdown_timeout_s > 0
+    assert cluster["upscaling_speed"] > 0 and cluster["idle_timeout_minutes"] > 0
