@@ -252,3 +252,21 @@ def test_engine_config_defaults_turn_both_on():
     c = EngineConfig()
     assert c.enable_chunked_prefill and c.enable_prefix_caching
     assert dataclasses.replace(c, enable_prefix_caching=False).enable_chunked_prefill
+
+
+@pytest.mark.slow
+def test_prefill_bench_runs_both_comparisons_in_one_run(tmp_path, files, capsys):
+    from bench import prefill
+
+    ckpt, _ = files
+    out = tmp_path / "prefill.json"
+    res = prefill.main(["--model-dir", str(ckpt), "--rounds", "1", "--no-warmup", "--decoders", "2", "--long", "64", "--every", "3",
+                        "--arrivals", "2", "--budget", "16", "--system", "32", "--requests", "3", "--pages", "256",
+                        "--json", str(out)])
+    assert json.loads(out.read_text()) == res
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-2:] == [f"ratio TPOT p99 chunked on/off: {res['tpot_p99_ratio_on_over_off']:.2f}x",
+                            f"ratio TTFT p50 prefix caching on/off: {res['ttft_ratio_on_over_off']:.2f}x"]
+    # Every request after the first found the whole system prompt (2 blocks of 16) cached, only with it on.
+    assert res["prefix_caching"]["on"]["hit_tokens"] == 2 * 32 and res["prefix_caching"]["off"]["hit_tokens"] == 0
+    assert all(m["gaps"] > 0 for m in res["chunked_prefill"].values())
