@@ -9,6 +9,7 @@ comparisons in one run, off and on alternating round by round:
    requests one after the other, prefix caching off and on.
 
     python -m bench prefill [--rounds 3] [--json PATH]
+    python -m bench prefill --model llama-3.1-8b --device cuda --long 4096 --budget 512   # random bf16 weights
 
 Prints a table and the two ratios last, and writes JSON (default bench/out/prefill.json).
 """
@@ -31,19 +32,37 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def make_engine(model_dir: Path, **overrides: Any):
+def make_worker(model: Path | str, device: str, num_pages: int, block_size: int = 16):
+    """One TP=1 worker (model and pool) on a checkpoint directory (float32), or on random bfloat16
+    weights of a preset name; every engine of the run is built around it."""
+    import torch
+
     from bdlora_ray.comm import Comm
     from bdlora_ray.config import LlamaConfig
-    from bdlora_ray.engine import Engine, EngineConfig
     from bdlora_ray.memory import PoolConfig
     from bdlora_ray.tokenizer import load_tokenizer
+    from bdlora_ray.tp import RandomWeights
     from bdlora_ray.worker import LocalShardSource, StepChannel, TPWorker
 
-    cfg = LlamaConfig.from_json(model_dir)
-    config = EngineConfig(**overrides)
-    pool = PoolConfig.for_model(cfg, 1, config.num_pages, config.block_size)
-    worker = TPWorker(cfg, str(model_dir), Comm(), pool, LocalShardSource({}, cfg, 1), StepChannel(1))
-    return Engine(worker, load_tokenizer(model_dir), config)
+    if isinstance(model, Path):
+        cfg, dtype, weights, tokenizer = LlamaConfig.from_json(model), torch.float32, str(model), load_tokenizer(model)
+    else:
+        from bench.gpu import SilentTokenizer
+
+        cfg, dtype, tokenizer = LlamaConfig.from_name(model), torch.bfloat16, SilentTokenizer()
+        weights = RandomWeights(cfg, device, dtype)
+    pool = PoolConfig.for_model(cfg, 1, num_pages, block_size, dtype, device)
+    return TPWorker(cfg, weights, Comm(), pool, LocalShardSource({}, cfg, 1), StepChannel(1), device, dtype), tokenizer
+
+
+def make_engine(worker, tokenizer, **overrides: Any):
+    """An engine with these settings around `worker` (whose pool the previous engines left empty of KV;
+    cached blocks of an earlier prefix-caching run never match: every round draws its own prompts)."""
+    from bdlora_ray.engine import Engine, EngineConfig
+
+    config = EngineConfig(num_pages=worker.pool.config.num_pages, block_size=worker.pool.config.block_size,
+                          **overrides)
+    return Engine(worker, tokenizer, config)
 
 
 def _request(rid: str, prompt: list[int], max_tokens: int):
@@ -128,9 +147,10 @@ def run(args: argparse.Namespace) -> dict:
     from deploy.seed import write_checkpoint
 
     torch.set_num_threads(args.threads)
-    model_dir = args.model_dir or write_checkpoint(Path(tempfile.gettempdir()) / "bdlora-bench-tiny",
-                                                   LlamaConfig.from_name("tiny"))
-    common = dict(max_model_len=args.long + args.system + 64, num_pages=args.pages, max_num_seqs=64)
+    model = args.model or args.model_dir or write_checkpoint(Path(tempfile.gettempdir()) / "bdlora-bench-tiny",
+                                                             LlamaConfig.from_name("tiny"))
+    worker, tokenizer = make_worker(model, args.device, args.pages)
+    common = dict(max_model_len=args.long + args.system + 64, max_num_seqs=64)
     chunk_modes = {"off": dict(enable_chunked_prefill=False, max_num_batched_tokens=args.long + args.decoders),
                    "on": dict(enable_chunked_prefill=True, max_num_batched_tokens=args.budget)}
     cache_modes = {"off": dict(enable_prefix_caching=False), "on": dict(enable_prefix_caching=True)}
@@ -138,10 +158,10 @@ def run(args: argparse.Namespace) -> dict:
                                                "prefix_caching": {"off": [], "on": []}}
     for r in range(-1 if args.warmup else 0, args.rounds):  # round -1 warms up (first calls of each shape)
         for mode in ("off", "on"):  # alternating: a slow spell of a shared machine hits both sides
-            engine = make_engine(model_dir, enable_prefix_caching=False, **chunk_modes[mode], **common)
+            engine = make_engine(worker, tokenizer, enable_prefix_caching=False, **chunk_modes[mode], **common)
             tpot = tpot_under_long_prompts(engine, args, seed=r)
             engine.stop()
-            engine = make_engine(model_dir, **cache_modes[mode], **common)
+            engine = make_engine(worker, tokenizer, **cache_modes[mode], **common)
             ttft = ttft_with_system_prompt(engine, args, seed=r)
             engine.stop()
             if r >= 0:
@@ -152,6 +172,7 @@ def run(args: argparse.Namespace) -> dict:
                for k, v in rounds.items()}
     cp, pc = summary["chunked_prefill"], summary["prefix_caching"]
     res = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "model_dir")},
+           "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
            "chunked_prefill": cp, "prefix_caching": pc, "rounds": rounds,
            "tpot_p99_ratio_on_over_off": cp["on"]["tpot_p99_ms"] / cp["off"]["tpot_p99_ms"],
            "ttft_ratio_on_over_off": pc["on"]["ttft_p50_ms"] / pc["off"]["ttft_p50_ms"]}
@@ -160,7 +181,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def report(res: dict) -> str:
     cp, pc, c = res["chunked_prefill"], res["prefix_caching"], res["config"]
-    lines = [f"TPOT of {c['decoders']} decoding requests, a {c['long']}-token prompt every {c['every']} steps "
+    lines = [f"{c['model'] or 'tiny'} on {res['device']}",
+             f"TPOT of {c['decoders']} decoding requests, a {c['long']}-token prompt every {c['every']} steps "
              f"(median of {c['rounds']} rounds)",
              f"{'chunked prefill':<16}{'TPOT p50 ms':>12}{'p99 ms':>9}{'max ms':>9}{'long TTFT ms':>14}{'decode tok/s':>14}"]
     for mode in ("off", "on"):
@@ -182,6 +204,8 @@ def report(res: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=None, help="HF checkpoint (default: the tiny random model)")
+    p.add_argument("--model", default=None, help="a preset name instead: random bfloat16 weights of its shape")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--decoders", type=int, default=8, help="requests decoding throughout")
     p.add_argument("--long", type=int, default=1024, help="tokens of each arriving long prompt")
     p.add_argument("--every", type=int, default=12, help="steps between long-prompt arrivals")
