@@ -29,10 +29,6 @@ class SamplingParams:
     guide: StructuredOutput | None = None  # constrain the output to a grammar (structured output)
     logprobs: int | None = None       # None: none; k >= 0: the chosen token's logprob and the top k
 
-    @property
-    def penalized(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-
     def validate(self) -> None:
         if not 1 <= self.max_tokens <= 1 << 20:
             raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")

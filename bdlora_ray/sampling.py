@@ -24,6 +24,7 @@ for that row only: the caller fails that request and keeps the batch going.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -144,32 +145,34 @@ def _bias(x: Tensor, params: Sequence[SamplingParams]) -> None:
     x.index_put_((r.to(x.device), t.to(x.device)), b.to(x.device), accumulate=True)
 
 
-def _counts(rows: list[int], seqs: list[Sequence[int]], V: int, device: torch.device) -> Tensor:
-    """(len(rows), V) float: how often each token occurs in seqs[j] (one batched scatter)."""
-    counts = torch.zeros(len(rows), V, device=device)
+def _occurrences(rows: list[int], seqs: list[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Every token of seqs[j] as (row index in x, token id), flat, and each sequence's length: the
+    penalties touch only these entries of x, never a whole (rows, vocab) block."""
     lens = torch.tensor([len(s) for s in seqs])
-    if int(lens.sum()):
-        r = torch.repeat_interleave(torch.arange(len(rows)), lens).to(device)
-        t = torch.tensor(list(chain.from_iterable(seqs)), dtype=torch.long, device=device)
-        counts.index_put_((r, t), torch.ones(len(t), device=device), accumulate=True)
-    return counts
+    flat = array("q", chain.from_iterable(seqs))                       # one C-level copy of the ids
+    tok = torch.frombuffer(flat, dtype=torch.long) if len(flat) else torch.zeros(0, dtype=torch.long)
+    row = torch.repeat_interleave(torch.tensor(rows), lens)
+    return row.to(device), tok.to(device), lens
 
 
 def _penalties(x: Tensor, params: Sequence[SamplingParams], histories: Sequence[tuple[Sequence[int], int]]) -> None:
-    rows = [i for i, p in enumerate(params) if p.penalized]
-    if not rows:
-        return
-    dev, V = x.device, x.shape[1]
-    out = _counts(rows, [histories[i][0][histories[i][1]:] for i in rows], V, dev)        # (P, V)
-    col = lambda name: torch.tensor([getattr(params[i], name) for i in rows], device=dev)[:, None]  # noqa: E731
-    r = torch.tensor(rows, device=dev)
-    sub = x[r]                                                                            # (P, V)
-    rep = col("repetition_penalty")
-    if bool((rep != 1.0).any()):
-        seen = (out > 0) | (_counts(rows, [histories[i][0][:histories[i][1]] for i in rows], V, dev) > 0)
-        sub = torch.where(seen, torch.where(sub < 0, sub * rep, sub / rep), sub)
-    sub = sub - col("frequency_penalty") * out - col("presence_penalty") * (out > 0).float()
-    x[r] = sub
+    dev = x.device
+    rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if rep_rows:  # HF: on prompt + output tokens, x / p where x > 0, x * p where x < 0 (once per token)
+        r, t, lens = _occurrences(rep_rows, [histories[i][0] for i in rep_rows], dev)
+        p = torch.repeat_interleave(torch.tensor([params[i].repetition_penalty for i in rep_rows]), lens).to(dev)
+        v = x[r, t]
+        x[r, t] = torch.where(v < 0, v * p, v / p)  # a repeated token writes the same value again
+    fp_rows = [i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
+    if fp_rows:  # OpenAI: on output tokens, x -= frequency * count + presence * (count > 0)
+        r, t, lens = _occurrences(fp_rows, [histories[i][0][histories[i][1]:] for i in fp_rows], dev)
+        freq = torch.tensor([params[i].frequency_penalty for i in fp_rows])
+        x.index_put_((r, t), -torch.repeat_interleave(freq, lens).to(dev), accumulate=True)
+        pres = torch.zeros(x.shape[0])
+        pres[fp_rows] = torch.tensor([params[i].presence_penalty for i in fp_rows])
+        seen = torch.unique(r * x.shape[1] + t)                     # each (row, token) once
+        rs, ts = seen // x.shape[1], seen % x.shape[1]
+        x.index_put_((rs, ts), -pres.to(dev)[rs], accumulate=True)
 
 
 def _min_tokens(x: Tensor, params: Sequence[SamplingParams], histories: Sequence[tuple[Sequence[int], int]],
