@@ -469,22 +469,30 @@ def plot(run: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ts = [s["t"] for s in run["samples"]]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, dpi=80)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, dpi=80)
     ax1.step(ts, [s["replicas"].get("RUNNING", 0) for s in run["samples"]], where="post", label="groups running")
     ax1.step(ts, [sum(s["replicas"].values()) for s in run["samples"]], where="post", ls="--",
              label="groups (any state)")
     ax1.step(ts, [len(s["worker_nodes"]) for s in run["samples"]], where="post", ls=":", lw=2, label="worker nodes")
     ax1.set_ylabel("count")
     ax1.set_yticks([0, 1, 2])
+    ax1.set_ylim(-0.1, 2.9)
     ax1.legend(loc="upper left", fontsize=8)
     xs, tps = throughput(run)
-    ax2.bar(xs, tps, width=2.0, align="edge", color="C2", alpha=0.7)
-    ax2.set_ylabel("tokens/s (finished)")
+    ax2.bar(xs, tps, width=2.0, align="edge", color="C2", alpha=0.7, label="tokens/s of finished requests")
+    ax2.set_ylabel("tokens/s")
     ax2.set_xlabel("seconds")
-    for name, t in run["phases"].items():
+    grid = [i * 0.5 for i in range(int(max(ts, default=0) / 0.5) + 1)]
+    ax3 = ax2.twinx()
+    ax3.plot(grid, [sum(r["start"] <= t < r["end"] for r in run["requests"]) for t in grid], color="C3", lw=1,
+             label="requests in flight")
+    ax3.set_ylabel("in flight")
+    ax2.legend(loc="upper left", fontsize=8)
+    ax3.legend(loc="upper right", fontsize=8)
+    for i, (name, t) in enumerate(run["phases"].items()):
         for ax in (ax1, ax2):
             ax.axvline(t, color="grey", lw=0.6)
-        ax1.annotate(name, (t, 2.05), fontsize=7, rotation=30)
+        ax1.annotate(name, (t, 2.1 + 0.35 * (i % 2)), fontsize=7, rotation=20, annotation_clip=False)
     k = run["knobs"]
     fig.suptitle(f"Serve + Ray autoscaler (fake_multinode): min 1 / max 2 TP=2 groups, one group per node; "
                  f"target {k['target_ongoing_requests']:g} ongoing, {k['clients']} clients", fontsize=9)
