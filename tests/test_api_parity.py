@@ -109,6 +109,10 @@ def test_chat_and_completion_logprobs(api):
             assert c.bytes == list(c.token.encode())
         ref = torch.log_softmax(hf_logits(ckpt, torch.tensor(ids), adapter)[-1], -1).topk(4).values
         assert max(abs(a.logprob - b) for a, b in zip(content[0].top_logprobs, ref.tolist())) < 1e-4
+    chunks = list(_chat(client, "small", max_tokens=5, temperature=0, logprobs=True, top_logprobs=4, stream=True))
+    streamed = [c for ch in chunks for choice in ch.choices if choice.logprobs for c in choice.logprobs.content]
+    assert [c.token for c in streamed] == [c.token for c in content]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-4)
     plain = _chat(client, BASE, max_tokens=3, temperature=0)
     assert plain.choices[0].logprobs is None
     c = client.completions.create(model="bd", prompt="abc", max_tokens=4, temperature=0, logprobs=2)
