@@ -186,16 +186,18 @@ def _min_tokens(x: Tensor, params: Sequence[SamplingParams], histories: Sequence
 
 # ---- the draw ------------------------------------------------------------------------------------
 
-def _top_k_top_p(x: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+def _top_k_top_p(x: Tensor, top_k: list[int], top_p: list[float]) -> Tensor:
     """x (R, V) with what top-k (0 = all) excludes, then what top-p excludes from the rest (the
     smallest prefix of the sorted distribution whose mass reaches top_p, at least one token), -inf.
-    One sort for both, as vLLM's apply_top_k_top_p."""
-    vals, order = x.sort(-1, descending=True)                                   # (R, V)
-    rank = torch.arange(x.shape[1], device=x.device)[None, :]
-    drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    One sort for both, as vLLM's apply_top_k_top_p; only the largest k if every row has a top-k."""
+    kmax = max(top_k) if min(top_k) > 0 else 0
+    vals, order = x.topk(kmax, -1) if 0 < kmax < x.shape[1] else x.sort(-1, descending=True)   # (R, K)
+    k = torch.tensor(top_k, device=x.device)[:, None]
+    rank = torch.arange(vals.shape[1], device=x.device)[None, :]
+    drop = (k > 0) & (rank >= k)
     probs = vals.masked_fill(drop, float("-inf")).softmax(-1)
-    drop |= probs.cumsum(-1) - probs >= top_p[:, None]
-    return x.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    drop |= probs.cumsum(-1) - probs >= torch.tensor(top_p, device=x.device)[:, None]
+    return torch.full_like(x, float("-inf")).scatter(1, order, vals.masked_fill(drop, float("-inf")))
 
 
 def _draw(x: Tensor, params: Sequence[SamplingParams], generators: Sequence[Generator]) -> Tensor:
@@ -209,8 +211,8 @@ def _draw(x: Tensor, params: Sequence[SamplingParams], generators: Sequence[Gene
     cut = [j for j, i in enumerate(rows) if params[i].top_p < 1.0 or 0 < params[i].top_k < x.shape[1]]
     if cut:
         c = torch.tensor(cut, device=dev)
-        s[c] = _top_k_top_p(s[c], torch.tensor([params[rows[j]].top_k for j in cut], device=dev),
-                            torch.tensor([params[rows[j]].top_p for j in cut], device=dev))
+        s[c] = _top_k_top_p(s[c], [min(params[rows[j]].top_k, x.shape[1]) for j in cut],
+                            [params[rows[j]].top_p for j in cut])
     q = torch.empty_like(s).exponential_()
     for j, i in enumerate(rows):  # only seeded rows: their own stream (as vLLM does)
         g = _torch_generator(generators[i], dev)

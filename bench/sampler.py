@@ -2,7 +2,8 @@
 
 What each per-request parameter costs a step, as a ratio to a batch of plain rows (greedy and
 temperature-only sampling) at the same size: top-p, penalties + logit_bias, logprobs, grammars
-(xgrammar bitmasks, if installed). And on CUDA: the processed logits and log-probabilities equal
+(xgrammar bitmasks, if installed); and the batched sampler against the per-row loop it replaced
+(`per_row`, kept here as the comparison), for plain and top-p rows. And on CUDA: the processed logits and log-probabilities equal
 the CPU's, and seeded rows draw the same tokens again. Prints a table and writes JSON.
 
     python -m bench sampler                       # CUDA if present: B = 64, 256; vocab 128256
@@ -38,6 +39,23 @@ KINDS = {  # name -> parameters of every row (half of them greedy, half sampled 
 }
 
 
+def per_row(logits, params: list[SamplingParams]) -> list[int]:
+    """The sampler before batching: greedy rows by one argmax, then a Python loop over the others."""
+    out = logits.argmax(-1).tolist()
+    for i, p in enumerate(params):
+        if p.temperature == 0.0:
+            continue
+        x = logits[i] / p.temperature
+        if 0 < p.top_k < x.numel():
+            x = x.masked_fill(x < torch.topk(x, p.top_k).values[-1], float("-inf"))
+        if p.top_p < 1.0:
+            probs, order = torch.sort(x.softmax(-1), descending=True)
+            drop = probs.cumsum(-1) - probs >= p.top_p
+            x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        out[i] = int(torch.multinomial(x.softmax(-1), 1))
+    return out
+
+
 def rows(kind: str, b: int) -> list[SamplingParams]:
     return [SamplingParams(temperature=0.0 if i % 2 else 0.8, max_tokens=64, **KINDS[kind]) for i in range(b)]
 
@@ -53,7 +71,7 @@ def inputs(kind: str, b: int, vocab: int, compiler) -> tuple[list, list, list | 
     return params, histories, guides
 
 
-def time_step(logits, kind: str, compiler, iters: int) -> float:
+def time_step(logits, kind: str, compiler, iters: int, before: bool = False) -> float:
     b, vocab = logits.shape
     params, histories, _ = inputs(kind, b, vocab, compiler)
     gens = [make_generator(p) for p in params]
@@ -63,7 +81,10 @@ def time_step(logits, kind: str, compiler, iters: int) -> float:
         if logits.is_cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        sample(logits, params, gens, histories, guides, stop_ids=(2,))
+        if before:
+            per_row(logits, params)
+        else:
+            sample(logits, params, gens, histories, guides, stop_ids=(2,))
         if logits.is_cuda:
             torch.cuda.synchronize()
         if i >= 2:
@@ -126,6 +147,12 @@ def main(argv: list[str] | None = None) -> dict:
             base = base or ms
             report["rows"].append({"batch": b, "kind": kind, "ms": ms, "ratio": ms / base})
             print(f"{b:>6} {kind:>16} {ms:>9.3f} {ms / base:>8.2f}")
+        for kind in ("plain", "top_p"):
+            ms = time_step(logits, kind, compiler, iters, before=True) * 1e3
+            after = next(r["ms"] for r in report["rows"] if r["batch"] == b and r["kind"] == kind)
+            report["rows"].append({"batch": b, "kind": f"{kind} per_row", "ms": ms, "ratio": ms / base,
+                                   "per_row_over_batched": ms / after})
+            print(f"{b:>6} {kind + ' per_row':>16} {ms:>9.3f} {ms / base:>8.2f}   per-row / batched {ms / after:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     return report

@@ -106,7 +106,7 @@ class _GenerationBody(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     logit_bias: dict[str, float] | None = None
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int | None = Field(default=None, ge=0)
     response_format: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = Field(default=None, max_length=4096)
@@ -149,7 +149,7 @@ class _GenerationBody(BaseModel):
             stop=stop, ignore_eos=self.ignore_eos,
             logit_bias=tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items())),
             repetition_penalty=self.repetition_penalty or 1.0, frequency_penalty=self.frequency_penalty or 0.0,
-            presence_penalty=self.presence_penalty or 0.0, min_tokens=self.min_tokens, guide=self.guide(),
+            presence_penalty=self.presence_penalty or 0.0, min_tokens=self.min_tokens or 0, guide=self.guide(),
             logprobs=self.top_logprobs_wanted)
         params.validate()
         return params
@@ -231,7 +231,7 @@ class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     tools: list[Any] | None = None
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("tools")

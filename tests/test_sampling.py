@@ -68,7 +68,9 @@ def test_top_k_then_top_p_keep_what_the_hf_warpers_keep():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, V, generator=g) * 2
     cuts = [(0, 0.9), (7, 1.0), (7, 0.5), (1, 1.0), (50, 0.3)]
-    ours = _top_k_top_p(x, torch.tensor([k for k, _ in cuts]), torch.tensor([p for _, p in cuts]))
+    ours = _top_k_top_p(x, [k for k, _ in cuts], [p for _, p in cuts])
+    only_k = _top_k_top_p(x[1:], [k for k, _ in cuts[1:]], [p for _, p in cuts[1:]])  # top-k on every row
+    assert torch.equal(only_k, ours[1:])
     for i, (k, p) in enumerate(cuts):
         ref = x[i:i + 1].clone()
         if k:
