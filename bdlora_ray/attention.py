@@ -40,7 +40,8 @@ class _PagedPlan:
     read_page: Tensor         # (D, L) pages of each decode sequence's context, L = longest context
     read_slot: Tensor         # (D, L)
     read_mask: Tensor         # (D, 1, 1, L) True for the sequence's own positions
-    prefill: list[tuple[int, int, Tensor, Tensor]]   # (first row, rows, pages, slots of the whole context)
+    prefill: list[tuple[int, int, Tensor, Tensor, Tensor | None]]  # (first row, rows, pages, slots of the whole
+    #   context, causal mask (rows, context) when rows follow a cached context (a prefill piece, a prefix hit))
 
 
 def _plan(meta: AttentionMeta, device: torch.device) -> _PagedPlan:
@@ -58,7 +59,9 @@ def _plan(meta: AttentionMeta, device: torch.device) -> _PagedPlan:
             decode_rows.append(row)
             reads.append((page, slot))
         else:
-            prefill.append((row, n, page, slot))
+            # Row j sits at absolute position total - n + j and sees keys <= it.
+            mask = torch.ones(n, total, dtype=torch.bool, device=device).tril(total - n) if n < total else None
+            prefill.append((row, n, page, slot, mask))
         row += n
     D, L = len(reads), max((len(p) for p, _ in reads), default=0)
     read_page = torch.zeros(D, L, dtype=torch.long, device=device)
@@ -85,8 +88,8 @@ def _attend_paged(q: Tensor, k: Tensor, v: Tensor, meta: AttentionMeta, layer: i
         kd = kv[plan.read_page, 0, plan.read_slot].to(q.dtype)   # (D, L, nkv, hd)
         vd = kv[plan.read_page, 1, plan.read_slot].to(q.dtype)
         out[plan.decode_rows] = _decode(q[plan.decode_rows], kd, vd, plan.read_mask)
-    for row, n, page, slot in plan.prefill:
-        out[row:row + n] = _causal(q[row:row + n], kv[page, 0, slot].to(q.dtype), kv[page, 1, slot].to(q.dtype))
+    for row, n, page, slot, mask in plan.prefill:
+        out[row:row + n] = _causal(q[row:row + n], kv[page, 0, slot].to(q.dtype), kv[page, 1, slot].to(q.dtype), mask)
     return out
 
 
@@ -104,16 +107,25 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return o.reshape(D, nh, hd)
 
 
-def _causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """One sequence: q (n, nh, hd) at the last n of the total positions of k, v (total, nkv, hd)."""
+def _causal(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """One sequence: q (n, nh, hd) at the last n of the total positions of k, v (total, nkv, hd);
+    `mask` (n, total) when n < total (else built here), True where a row may look."""
     n, total = q.shape[0], k.shape[0]
-    # (1, heads, n|total, hd): SDPA's fused kernels take 4-D inputs only, 3-D ones fall to the math path.
-    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if n == total:  # the whole sequence is new: plain causal, no mask, so CUDA can use flash attention
+        # (1, heads, n|total, hd): SDPA's fused kernels take 4-D inputs only, 3-D ones fall to the math path.
+        qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
-    # Row j sits at absolute position total - n + j and sees keys <= it (SDPA's is_causal is top-left aligned).
-    mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
-    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+    # New rows after a cached context (SDPA's is_causal is top-left aligned, so a mask). As in `_decode`,
+    # the nh / nkv query heads of a KV head become that head's query rows, (g, n) ordered, so that no
+    # `enable_gqa` beside the mask leaves CUDA only the math backend.
+    if mask is None:
+        mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
+    nh, hd, nkv = q.shape[1], q.shape[2], k.shape[1]
+    g = nh // nkv
+    qg = q.view(n, nkv, g, hd).permute(1, 2, 0, 3).reshape(1, nkv, g * n, hd)        # (1, nkv, g*n, hd)
+    o = F.scaled_dot_product_attention(qg, k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                       attn_mask=mask.repeat(g, 1))                    # (1, nkv, g*n, hd)
+    return o.view(nkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, nh, hd)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, meta: AttentionMeta, layer: int) -> Tensor:
