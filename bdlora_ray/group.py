@@ -26,6 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from bdlora_ray.engine import Engine
 from bdlora_ray.errors import AdapterInvalid, AdapterUnavailable, ReplicaGroupFailed, error_from_name
 from bdlora_ray.memory import PoolConfig
+from bdlora_ray.placement import ON_HEAD_NODE
 from bdlora_ray.request import GenerationRequest, RequestOutput, merge_outputs
 from bdlora_ray.store.actor import AdapterStoreActor, StoreConfig
 from bdlora_ray.store.manifest import check_name
@@ -35,7 +36,6 @@ from bdlora_ray.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 STORE_NAMESPACE = "bdlora"
-HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives every cluster's head node this resource
 
 
 def store_config(config: GroupConfig) -> StoreConfig:
@@ -224,7 +224,7 @@ class EngineGroup:
         # scaling down never takes the cache (or a fetch in progress) with it.
         self.store = AdapterStoreActor.options(name=store_actor_name(config), namespace=STORE_NAMESPACE,
                                                get_if_exists=True, lifetime="detached", max_restarts=-1,
-                                               resources={HEAD_NODE_RESOURCE: 0.001},
+                                               resources=dict(ON_HEAD_NODE),
                                                scheduling_strategy=PlacementGroupSchedulingStrategy(None),
                                                runtime_env={"env_vars": _worker_env()}).remote(store_config(config))
         pg = placement_group or get_current_placement_group()

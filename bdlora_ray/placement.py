@@ -6,6 +6,11 @@ configured, before any cluster exists.
 
 from __future__ import annotations
 
+# Ray gives every cluster's head node this resource. What must outlive scaling (the adapter store, the
+# HTTP ingress) asks for a sliver of it: the autoscaler removes worker nodes, never the head.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+ON_HEAD_NODE = {HEAD_NODE_RESOURCE: 0.001}
+
 
 def group_bundles(tp: int, use_gpu: bool, worker_cpus: float, replica_cpus: float = 0.0) -> list[dict[str, float]]:
     """One bundle per TP rank (rank i -> bundle i): a whole GPU each, or a CPU fraction without GPUs.

@@ -42,11 +42,12 @@ from typing import Any
 
 from ray.cluster_utils import AutoscalingCluster
 
+from bdlora_ray.placement import HEAD_NODE_RESOURCE
+
 log = logging.getLogger("bench.autoscale")
 
 APP = "bdlora"
 GROUP_DEPLOYMENT = "EngineGroup"
-HEAD_NODE_RESOURCE = "node:__internal_head__"
 WORKER_TYPE = "group_node"
 PROMPTS = ("The autoscaler", "Replica groups come and go", "A node joins the cluster")
 
@@ -195,6 +196,7 @@ class Run:
     phases: dict[str, float] = field(default_factory=dict)  # phase name -> start time
     groups: dict[str, dict] = field(default_factory=dict)   # replica id -> stats while both groups run
     final_groups: dict[str, dict] = field(default_factory=dict)  # the same at the end
+    actors: list[dict] = field(default_factory=list)        # live actors' classes and nodes, both groups running
     placement_groups: list[dict] = field(default_factory=list)
     head_node_id: str = ""
     pushed_adapter: str = ""
@@ -212,7 +214,7 @@ class Run:
     def to_json(self) -> dict:
         return {"knobs": asdict(self.knobs), "requests": [asdict(r) for r in self.requests], "samples": self.samples,
                 "phases": self.phases, "groups": self.groups,
-                "final_groups": self.final_groups, "placement_groups": self.placement_groups,
+                "final_groups": self.final_groups, "actors": self.actors, "placement_groups": self.placement_groups,
                 "head_node_id": self.head_node_id, "pushed_adapter": self.pushed_adapter, "drain": self.drain,
                 "error": self.error}
 
@@ -285,6 +287,15 @@ class Sampler(threading.Thread):
 
     def last(self) -> dict:
         return self.run_.samples[-1] if self.run_.samples else {"replicas": {}, "worker_nodes": []}
+
+
+def actor_nodes() -> list[dict]:
+    """Every live actor's class and node (from the GCS: this cluster runs no dashboard)."""
+    import ray._private.state
+
+    return sorted(({"class": a["ActorClassName"], "node_id": a["Address"]["NodeID"]}
+                   for a in ray._private.state.actors().values() if a["State"] == "ALIVE"),
+                  key=lambda a: (a["class"], a["node_id"]))
 
 
 def group_stats(handle: Any) -> dict[str, dict]:
@@ -401,6 +412,7 @@ def _scenario(run: Run, url: str, handle: Any, sampler: Sampler, models: list[st
     for t in burst:
         t.join()
     run.groups = group_stats(handle)
+    run.actors = actor_nodes()
 
     # Long streams while both groups still run, until each group has one; then the load stops.
     run.phase("drain streams")
@@ -520,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, default=None, help="write the plot here (PNG)")
     ap.add_argument("--work-dir", type=Path, default=None, help="checkpoint, adapters and Ray temp dir (default: a fresh one)")
     args = ap.parse_args(argv)
+    # Terminated (a test's timeout): unwind, so that the cluster is shut down on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # Ray's temp paths (sockets) must stay short: a fresh dir under RAY_TMPDIR (or /tmp).
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="asc-", dir=os.environ.get("RAY_TMPDIR")))

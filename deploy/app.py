@@ -23,6 +23,7 @@ from ray import serve
 from ray.serve import Application
 
 from bdlora_ray.errors import BdloraError
+from bdlora_ray.placement import ON_HEAD_NODE
 from bdlora_ray.request import RequestOutput
 from deploy.api import make_api
 from bdlora_ray.spec import GroupConfig
@@ -137,5 +138,7 @@ def build_app(config: AppConfig, factory: GroupFactory | None = None) -> Applica
     ).bind(spec, factory)
     return Ingress.options(
         name="Ingress", num_replicas=api.ingress_replicas, max_ongoing_requests=api.max_ongoing_requests,
-        ray_actor_options={"num_cpus": 0},  # I/O only; it must not take a CPU a TP worker needs
+        # I/O only; it must not take a CPU a TP worker needs. On the head node, beside Serve's HTTP proxy:
+        # a worker node goes when its group does, and the requests in flight through it would go too.
+        ray_actor_options={"num_cpus": 0, "resources": dict(ON_HEAD_NODE)},
     ).bind(groups, api)
