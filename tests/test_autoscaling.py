@@ -127,7 +127,6 @@ def test_the_removed_group_finishes_its_streams_then_its_node_goes(scenario):
     assert drain["stopping_at"] < min(r["end"] for r in streams)
     (removed,) = set(run["groups"]) - set(run["final_groups"])
     (kept,) = run["final_groups"]
-    assert drain["running_before_stop"][removed] >= 1   # in flight on the group being removed
     for r in streams:  # finished whole, not cut at the group's removal
         assert r["status"] == 200 and r["finish_reason"] == "length" and r["tokens"] == drain["max_tokens"]
     assert len({r["text"] for r in streams}) == 1   # the drained group's output is the survivor's
