@@ -99,8 +99,10 @@ class GroupServer:
     def __init__(self, group: Group, remember: Callable[[str], Awaitable[Any]] | None = None) -> None:
         self.group = group
         self.remember = remember
-        # A token's text for logprobs (what vLLM shows: the token decoded alone), cached by id.
-        self._token_text = functools.lru_cache(maxsize=1 << 16)(lambda t: group.tokenizer.decode([t]))
+        # A token's text for logprobs (the token decoded alone, as vLLM shows it; EOS and other special
+        # tokens are "", as in the text), cached by id.
+        self._token_text = functools.lru_cache(maxsize=1 << 16)(
+            lambda t: group.tokenizer.decode([t], skip_special_tokens=True))
 
     def prepare(self, inp: PromptInput) -> GenerationRequest:
         """Tokenize and check against the context length; InvalidRequest otherwise."""

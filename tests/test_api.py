@@ -613,6 +613,16 @@ def test_served_openai_client_completions_chat_streams_models_and_errors(served)
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == 4
     assert [m.id for m in client.models.list().data] == list(served.models)
+    if served.kind == "engine":  # the newer parameters across processes: ingress -> group replica -> engine
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False}
+        r = client.chat.completions.create(
+            model=f"{BASE}:{served.adapters[0]}", messages=messages, max_tokens=30, n=2, seed=3, logprobs=True,
+            top_logprobs=2, response_format={"type": "json_schema", "json_schema": {"name": "b", "schema": schema}})
+        for ch in r.choices:
+            assert json.loads(ch.message.content)["ok"] in (True, False) and ch.finish_reason == "stop"
+            assert "".join(c.token for c in ch.logprobs.content) == ch.message.content
+        assert client.models.retrieve(f"{BASE}:{served.adapters[1]}").model_extra["parent"] == BASE
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="no-such-adapter", prompt="x")
     assert e.value.code == "model_not_found"

@@ -176,9 +176,11 @@ def test_penalties_bias_and_min_tokens_through_the_client(api):
         model="small", prompt=prompt, max_tokens=10, temperature=0, logprobs=0).choices[0].logprobs.token_logprobs
     # EOS made certain by logit_bias, held back for min_tokens: exactly 3 tokens, then EOS.
     for m in (BASE, "bd"):
-        r = client.completions.create(model=m, prompt="x", max_tokens=10, logit_bias={str(EOS): 100},
+        r = client.completions.create(model=m, prompt="x", max_tokens=10, logit_bias={str(EOS): 100}, logprobs=0,
                                       extra_body={"min_tokens": 3})
         assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 4
+        lp = r.choices[0].logprobs  # EOS has its logprob, and no text (as in the completion's text)
+        assert len(lp.tokens) == 4 and lp.tokens[-1] == "" and "".join(lp.tokens) == r.choices[0].text
     # The greedy token banned by logit_bias: the next best comes instead (its raw logprob is lower).
     greedy_id = int(hf_logits(ckpt, torch.tensor(prompt))[-1].argmax())
     first = client.completions.create(model=BASE, prompt=prompt, max_tokens=1, temperature=0, logprobs=0)
