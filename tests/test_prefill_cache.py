@@ -270,3 +270,23 @@ def test_prefill_bench_runs_both_comparisons_in_one_run(tmp_path, files, capsys)
     # Every request after the first found the whole system prompt (2 blocks of 16) cached, only with it on.
     assert res["prefix_caching"]["on"]["hit_tokens"] == 2 * 32 and res["prefix_caching"]["off"]["hit_tokens"] == 0
     assert all(m["gaps"] > 0 for m in res["chunked_prefill"].values())
+
+
+def test_rows_after_a_cached_context_run_on_a_fused_kernel_and_equal_plain_attention():
+    """A prefill piece or a prefix hit: n new rows after a context. Query heads grouped per KV head with
+    the mask, no enable_gqa (which CUDA serves with a mask only on the math backend)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from bdlora_ray import attention
+
+    g = torch.Generator().manual_seed(2)
+    n, total, nh, nkv, hd = 5, 13, 8, 2, 16
+    q, k, v = torch.randn(n, nh, hd, generator=g), torch.randn(total, nkv, hd, generator=g), \
+        torch.randn(total, nkv, hd, generator=g)
+    kr, vr = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)   # (total, nh, hd)
+    scores = torch.einsum("nhd,thd->hnt", q, kr) / hd ** 0.5
+    visible = torch.arange(total)[None, :] <= torch.arange(total - n, total)[:, None]  # (n, total)
+    want = torch.einsum("hnt,thd->nhd", scores.masked_fill(~visible, float("-inf")).softmax(-1), vr)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        got = attention._causal(q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
