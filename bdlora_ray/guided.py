@@ -7,8 +7,8 @@ request that says, each step, which tokens may come next.
     matcher = compiler.matcher(grammar)                                   # one per request
     apply_grammars(x, [matcher, ...], rows)    # x[rows[j], t] = -inf where matcher j forbids t
 
-The step fills one bitmask row per constrained request (xgrammar's C++; a few microseconds) and
-masks all of them in one op; the sampler then accepts the drawn token into each matcher. JSON is
+The step fills the bitmask rows of all constrained requests in one call (xgrammar's C++, on its
+threads) and masks them in one op; the sampler then accepts the drawn tokens, again in one call. JSON is
 generated compactly (", " and ": " separators, no free whitespace) so that a model cannot spend
 its tokens on whitespace. Once the grammar is complete only the stop tokens (EOS) are allowed.
 """
@@ -69,11 +69,28 @@ class GrammarCompiler:
         return xgr.GrammarMatcher(grammar)
 
 
+_batch: Any = None  # xgrammar's BatchGrammarMatcher (a thread pool for filling bitmasks), made at first use
+
+
+def _batcher() -> Any:
+    global _batch
+    if _batch is None:
+        import xgrammar as xgr
+        _batch = xgr.BatchGrammarMatcher()
+    return _batch
+
+
 def apply_grammars(x: Tensor, matchers: Sequence[Any], rows: Sequence[int]) -> None:
     """x (B, V) in place: -inf at the tokens that matcher j does not allow next in row rows[j]."""
     import xgrammar as xgr
 
     bitmask = xgr.allocate_token_bitmask(x.shape[0], x.shape[1])   # (B, ceil(V/32)) int32, CPU
-    for m, i in zip(matchers, rows):
-        m.fill_next_token_bitmask(bitmask, i)
+    _batcher().batch_fill_next_token_bitmask(list(matchers), bitmask, list(rows))  # one call, C++ threads
     xgr.apply_token_bitmask_inplace(x, bitmask.to(x.device, non_blocking=True), indices=list(rows))
+
+
+def accept_tokens(matchers: Sequence[Any], tokens: Sequence[int]) -> list[bool]:
+    """Advance each matcher by its row's token; False where its grammar refuses the token."""
+    import xgrammar as xgr
+
+    return list(xgr.BatchGrammarMatcher.batch_accept_token(list(matchers), list(tokens)))

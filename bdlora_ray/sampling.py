@@ -97,9 +97,12 @@ def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequenc
         "the model produced non-finite logits for this request" if bad_logits else
         "every token was excluded (logit_bias / grammar)")
         for t, good, bad_logits in zip(token_list, ok, (~finite).tolist())]
-    for i, g in enumerate(guides or ()):
-        if g is not None and isinstance(out[i], int) and not g.accept_token(out[i]):
-            out[i] = SamplingError(f"token {out[i]} was refused by the request's grammar")
+    constrained = [i for i, g in enumerate(guides or ()) if g is not None and isinstance(out[i], int)]
+    if constrained:
+        from bdlora_ray.guided import accept_tokens
+        for i, ok_i in zip(constrained, accept_tokens([guides[i] for i in constrained], [out[i] for i in constrained])):
+            if not ok_i:
+                out[i] = SamplingError(f"token {out[i]} was refused by the request's grammar")
     return Sampled(out, _logprobs(logits, tokens, token_list, params, ok))
 
 
