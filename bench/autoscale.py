@@ -14,9 +14,9 @@ app runs the tiny random Llama with min 1 / max 2 groups, and the scenario is:
    its placement group is pending, the autoscaler launches a second node;
 3. both groups serve: an adapter pushed now is requested in a burst larger than
    one group's `max_ongoing_requests`, so both groups serve it;
-4. the load stops with one long stream left on each group: Serve removes a
-   group, which finishes its stream first (graceful shutdown); then the
-   autoscaler terminates the idle node.
+4. the load stops, and long streams start until each group runs one: Serve
+   removes a group, which finishes its stream first (graceful shutdown); then
+   the autoscaler terminates the idle node.
 
 Every request and a sample of the cluster every half second go to the JSON;
 tests/test_autoscaling.py runs this scenario and checks them, the plot shows them.
@@ -64,7 +64,7 @@ class Knobs:
     burst: int = 10                        # requests for the adapter pushed while both groups run
     max_tokens: int = 16                   # per load request
     upscale_delay_s: float = 2.0
-    downscale_delay_s: float = 4.0
+    downscale_delay_s: float = 6.0
     look_back_period_s: float = 3.0
     metrics_push_interval_s: float = 0.5   # replicas' and handles' load reports to Serve's controller
     graceful_shutdown_timeout_s: float = 120.0  # the drain streams must finish well within it
@@ -299,7 +299,8 @@ def actor_nodes() -> list[dict]:
 
 
 def group_stats(handle: Any) -> dict[str, dict]:
-    """Each running group's stats, by replica id (Serve's broadcast reaches every running replica)."""
+    """Each running group's stats, by replica id (Serve's broadcast reaches every running replica; one
+    that is at its max_ongoing_requests may reject the call, and is left out)."""
     return {s["replica"]: s for s in handle.broadcast("stats").results(timeout_s=60) if isinstance(s, dict)}
 
 
@@ -411,10 +412,16 @@ def _scenario(run: Run, url: str, handle: Any, sampler: Sampler, models: list[st
         t.start()
     for t in burst:
         t.join()
-    run.groups = group_stats(handle)
+    # A group at max_ongoing_requests may turn a stats call away: ask until both answer.
+    run.groups = wait_for(run, lambda: len(g := group_stats(handle)) == 2 and g, "stats from both groups")
     run.actors = actor_nodes()
 
-    # Long streams while both groups still run, until each group has one; then the load stops.
+    # The load stops; long streams start one at a time, until each group runs one. With the groups
+    # idle, Serve's router sees where each stream went and sends the next to the other group.
+    run.phase("load stops")
+    stop.set()
+    for t in clients:
+        t.join()
     run.phase("drain streams")
     n = max(k.max_tokens, min(int(rate * k.drain_stream_s), k.max_model_len - 64))
     run.drain = {"max_tokens": n, "rate_tokens_per_s": rate}
@@ -424,17 +431,15 @@ def _scenario(run: Run, url: str, handle: Any, sampler: Sampler, models: list[st
     def streams_per_group() -> dict[str, int]:
         return {g: s["requests_per_adapter"].get("", 0) - before.get(g, 0) for g, s in group_stats(handle).items()}
 
-    while len(streams) < k.max_drain_streams and (len(streams) < 2 or min(streams_per_group().values()) < 1):
+    while len(streams) < k.max_drain_streams:
         streams.append(threading.Thread(target=complete, args=(run, url, "drain", base, PROMPTS[1], n, True, True),
                                         daemon=True))
         streams[-1].start()
-        time.sleep(1.0)  # the router learns the new queue lengths
-    run.drain["streams_per_group"] = wait_for(
-        run, lambda: (c := streams_per_group()) and sum(c.values()) == len(streams) and c, "the drain streams to start")
-    run.phase("load stops")
-    stop.set()
-    for t in clients:
-        t.join()
+        placed = wait_for(run, lambda: (c := streams_per_group()) and sum(c.values()) == len(streams) and c,
+                          "a drain stream to start", poll_s=0.1)
+        if len(placed) == 2 and min(placed.values()) >= 1:
+            break
+    run.drain["streams_per_group"] = placed
     # Nothing polls the groups now: Serve counts every call to a replica as load, and would keep both.
     wait_for(run, lambda: sampler.last()["replicas"].get("STOPPING", 0) >= 1, "Serve to stop a group", poll_s=0.2)
     run.drain["stopping_at"] = run.now()
