@@ -70,6 +70,10 @@ class Engine:
         self.eos_ids = set(worker.cfg.eos_token_id) | ({eos} if eos is not None else set())
         self._grammars = GrammarCompiler(tokenizer, worker.cfg.vocab_size, self.eos_ids)  # xgrammar at first use
         self._guides: dict[str, Any] = {}      # request id -> its grammar matcher (structured output)
+        # Grammars compile on a thread of their own (xgrammar releases the GIL): a heavy schema never
+        # stalls the caller's event loop or this loop; its request waits in _compiling meanwhile.
+        self._compile_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
+        self._compiling: list[tuple[GenerationRequest, Sink, Future]] = []
         self.steps = 0
         self.per_adapter: Counter[str] = Counter()
         self.dead: BaseException | None = None
@@ -99,7 +103,10 @@ class Engine:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
         if any(t >= vocab for t, _ in req.params.logit_bias):
             raise InvalidRequest(f"logit_bias: token ids must be in [0, {vocab})")
-        grammar = self._grammars.compile(req.params.guide) if req.params.guide is not None else None
+        grammar = None
+        if req.params.guide is not None:
+            grammar = self._compile_pool.submit(self._grammars.compile, req.params.guide)
+            grammar.add_done_callback(lambda _: self._wake.set())
         if len(self.scheduler.waiting) + self._inbox.qsize() >= self.config.max_queue_len:
             self.counters["rejected_overload"] += 1
             raise Overloaded(f"queue full ({self.config.max_queue_len} waiting)")
@@ -166,6 +173,7 @@ class Engine:
         else:
             self.worker.channel.send({"stop": True})  # stepped by hand: tell them here
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._compile_pool.shutdown(wait=False, cancel_futures=True)
 
     def run_forever(self) -> None:
         try:
@@ -206,6 +214,7 @@ class Engine:
     def _step(self) -> bool:
         busy = self._drain()
         busy |= self._poll_fetches()
+        busy |= self._poll_compiles()
         self._expire_waiting()
         sched = self.scheduler.schedule()
         self._prefetched -= {n for n in self._prefetched if n in self.pool}
@@ -271,15 +280,38 @@ class Engine:
             busy = True
             kind = item[0]
             if kind == "submit":
-                self._add(item[1], item[2], item[3])
+                self._admit(item[1], item[2], item[3])
             elif kind == "abort":
                 seq = self._seqs.get(item[1])
                 if seq is not None:
                     self._finish(seq, "abort")
+                for req, sink, _ in [c for c in self._compiling if c[0].request_id == item[1]]:
+                    self._compiling = [c for c in self._compiling if c[0].request_id != item[1]]
+                    self._outbox.append((sink, RequestOutput(req.request_id, (), "", True, "abort",
+                                                             len(req.prompt_ids))))
             elif kind == "prefetch":
                 self._want(item[1], item[2])
             elif kind == "unload":
                 self._unload(item[1], item[2])
+
+    def _admit(self, req: GenerationRequest, sink: Sink, grammar: Future | None) -> None:
+        """A submitted request joins the queue once its grammar (if any) has compiled; refused if it did not."""
+        if grammar is None:
+            self._add(req, sink)
+        elif not grammar.done():
+            self._compiling.append((req, sink, grammar))
+        elif grammar.exception() is not None:
+            self._outbox.append((sink, self._error_output(req, grammar.exception())))
+        else:
+            self._add(req, sink, grammar.result())
+
+    def _poll_compiles(self) -> bool:
+        if not any(fut.done() for _, _, fut in self._compiling):
+            return False
+        waiting, self._compiling = self._compiling, []
+        for req, sink, fut in waiting:
+            self._admit(req, sink, fut)
+        return True
 
     def _add(self, req: GenerationRequest, sink: Sink, grammar: Any = None) -> None:
         if req.request_id in self._seqs:

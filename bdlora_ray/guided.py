@@ -26,6 +26,21 @@ from bdlora_ray.errors import InvalidRequest
 from bdlora_ray.request import StructuredOutput
 
 KINDS = ("json", "json_schema", "regex")
+MAX_SPEC_CHARS = 65536  # a schema or regex; compiling costs grow with size and nesting
+MAX_SCHEMA_DEPTH = 32
+
+
+def _check_schema(schema: Any) -> None:
+    """ValueError for a schema nested deeper than MAX_SCHEMA_DEPTH (checked without recursion)."""
+    todo = [(schema, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+        if isinstance(v, dict):
+            todo.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            todo.extend((x, depth + 1) for x in v)
 
 
 class GrammarCompiler:
@@ -52,12 +67,14 @@ class GrammarCompiler:
         """The compiled grammar; InvalidRequest (400) for a schema or regex it cannot use."""
         if guide.kind not in KINDS:
             raise InvalidRequest(f"unknown structured output kind {guide.kind!r}")
+        if len(guide.spec) > MAX_SPEC_CHARS:
+            raise InvalidRequest(f"the {guide.kind} is over {MAX_SPEC_CHARS} characters")
         compiler = self._get()
         try:
             if guide.kind == "regex":
                 return compiler.compile_regex(guide.spec)
             schema = guide.spec if guide.kind == "json_schema" else '{"type": "object"}'
-            json.loads(schema)  # a clear message for text that is not JSON at all
+            _check_schema(json.loads(schema))  # a clear message for text that is not JSON at all
             return compiler.compile_json_schema(schema, any_whitespace=False)
         except (RuntimeError, ValueError, TypeError) as e:
             what = "regex" if guide.kind == "regex" else "JSON schema"

@@ -229,11 +229,29 @@ def test_json_schema_outputs_validate_greedy_and_sampled_base_and_adapter_rows(f
     assert not engine._guides  # matchers leave with their requests
 
 
+def _deep_schema(levels: int) -> str:
+    return '{"type": "object", "properties": {"a": ' * levels + '{"type": "integer"}' + "}}" * levels
+
+
 @pytest.mark.parametrize("guide", [StructuredOutput("json_schema", '{"type": "nonsense"}'),
-                                   StructuredOutput("json_schema", "not json"), StructuredOutput("regex", "(")])
-def test_unusable_grammars_are_refused_at_submit(engine, guide):
-    with pytest.raises(InvalidRequest):
-        engine.submit(_req("bad", [5, 6], max_tokens=4, guide=guide), lambda _: None)
+                                   StructuredOutput("json_schema", "not json"), StructuredOutput("regex", "("),
+                                   StructuredOutput("json_schema", _deep_schema(40))])
+def test_unusable_grammars_fail_their_request_alone_with_a_400(engine, guide):
+    outs = run_to_completion(engine, [_req("bad", [5, 6], max_tokens=4, guide=guide), _req("good", [5, 6], max_tokens=4)])
+    assert outs["bad"][-1].finish_reason == "error" and outs["bad"][-1].error_type == "InvalidRequest"
+    assert outs["bad"][-1].error_status == 400 and len(tokens(outs["good"])) == 4
+
+
+def test_a_request_aborted_while_its_grammar_compiles_ends_at_once(engine):
+    events = []
+    engine.submit(_req("slow", [5, 6], max_tokens=4, guide=StructuredOutput("json_schema", _deep_schema(30))),
+                  events.append)
+    engine.abort("slow")
+    while not events:
+        engine.step() or engine.wait_for_work(0.05)
+    assert [(e.finished, e.finish_reason) for e in events] == [(True, "abort")]
+    engine.step()
+    assert "slow" not in engine._seqs and not engine._compiling
 
 
 def test_logit_bias_outside_the_vocabulary_is_refused(engine):
