@@ -328,7 +328,7 @@ def run_scenario(knobs: Knobs, work_dir: Path) -> Run:
                         engine=EngineConfig(max_model_len=knobs.max_model_len), env_vars=without_credentials(s3.env))
     need = sum(b["CPU"] for b in group.bundles())  # 0.6: a node of 1 CPU holds one group, not two
     cluster = LocalAutoscalingCluster(
-        head_resources={"CPU": 0}, temp_dir=str(work_dir / "ray"), idle_timeout_minutes=knobs.idle_timeout_minutes,
+        head_resources={"CPU": 0}, temp_dir=str(work_dir / "r"), idle_timeout_minutes=knobs.idle_timeout_minutes,
         worker_node_types={WORKER_TYPE: {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}})
     assert need <= 1 < 2 * need
     scaling = ScalingConfig(min_groups=1, max_groups=2, target_ongoing_requests=knobs.target_ongoing_requests,
