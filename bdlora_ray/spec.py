@@ -1,7 +1,7 @@
 """What a replica group is: the one specification read by the deployment and by the engine.
 
 `deploy/config.py` builds a `GroupConfig` from BDLORA_* variables; `bdlora_ray/group.py` builds the
-group from the same object. Plain data: importing this module imports neither Ray nor the engine,
+group from the same object. Plain data: importing this module imports neither Ray, boto3 nor the engine,
 so the deployment is configured (and its placement bundles computed) before any cluster exists.
 """
 
@@ -15,13 +15,29 @@ from typing import Any
 
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.placement import group_bundles
-from bdlora_ray.store.s3 import S3Config
 
 DEFAULT_ADAPTERS_URI = "s3://bdlora-adapters/adapters"
 
 # Never passed to Ray in a runtime_env (Ray keeps those in its control store and shows them in its
 # dashboard): every node's processes read them from the node's own environment or instance role.
 CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """Retries and timeouts of the adapter store's S3 calls."""
+
+    connect_timeout_s: float = 5.0   # per connection attempt
+    read_timeout_s: float = 60.0     # per socket read, not per object
+    max_attempts: int = 5            # total tries per call, first one included
+    retry_mode: str = "standard"     # botocore retry mode: "standard" or "adaptive"
+
+    def botocore(self) -> Any:
+        from botocore.config import Config  # here: the engine imports this module where boto3 is absent
+
+        # botocore's "max_attempts" counts retries only; "total_max_attempts" counts the first try too.
+        return Config(connect_timeout=self.connect_timeout_s, read_timeout=self.read_timeout_s,
+                      retries={"total_max_attempts": self.max_attempts, "mode": self.retry_mode})
 
 
 @dataclass(frozen=True)
@@ -104,4 +120,4 @@ def without_credentials(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple((k, v) for k, v in env.items() if k not in CREDENTIAL_VARS)
 
 
-__all__ = ["CREDENTIAL_VARS", "EngineConfig", "GroupConfig", "served_model_name", "without_credentials"]
+__all__ = ["CREDENTIAL_VARS", "EngineConfig", "GroupConfig", "S3Config", "served_model_name", "without_credentials"]

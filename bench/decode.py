@@ -95,7 +95,7 @@ class AdapterCost:
 
     def __call__(self, name: str) -> tuple[int, int]:
         if name not in self._known:
-            meta, tensors = self.source.get_shard(name, 0)
+            meta, tensors = self.source.get_shard(name, 0)[:2]
             self._known[name] = meta.rank, sum(t.numel() for k, t in tensors.items() if k.startswith("layers.0."))
         return self._known[name]
 

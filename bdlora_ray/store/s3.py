@@ -16,7 +16,6 @@ from io import BytesIO
 from typing import Any
 
 import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from bdlora_ray.errors import (
@@ -27,6 +26,7 @@ from bdlora_ray.errors import (
     BdloraError,
     log_incident,
 )
+from bdlora_ray.spec import S3Config  # noqa: F401  (defined without boto3: the engine imports it)
 from bdlora_ray.store.manifest import MANIFEST, Manifest, check_name
 from bdlora_ray.store.validate import describe_foreign_body
 
@@ -51,19 +51,6 @@ class AdapterInfo:
     @classmethod
     def of(cls, name: str, m: Manifest) -> "AdapterInfo":
         return cls(name, m.meta.rank, m.meta.mode, m.meta.tp, m.total_size, m.base_name)
-
-
-@dataclass(frozen=True)
-class S3Config:
-    connect_timeout_s: float = 5.0   # per connection attempt
-    read_timeout_s: float = 60.0     # per socket read, not per object
-    max_attempts: int = 5            # total tries per call, first one included
-    retry_mode: str = "standard"     # botocore retry mode: "standard" or "adaptive"
-
-    def botocore(self) -> Config:
-        # botocore's "max_attempts" counts retries only; "total_max_attempts" counts the first try too.
-        return Config(connect_timeout=self.connect_timeout_s, read_timeout=self.read_timeout_s,
-                      retries={"total_max_attempts": self.max_attempts, "mode": self.retry_mode})
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
