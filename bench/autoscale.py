@@ -91,7 +91,8 @@ class LocalAutoscalingCluster(AutoscalingCluster):
 
     def _generate_config(self, head_resources: dict, worker_node_types: dict, autoscaler_v2: bool = False,
                          **config_kwargs: Any) -> dict:
-        return {"cluster_name": "fake_multinode", "max_workers": sum(t["max_workers"] for t in worker_node_types.values()),
+        return {"cluster_name": "fake_multinode",
+                "max_workers": sum(t["max_workers"] for t in worker_node_types.values()),
                 "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                              "disable_launch_config_check": True, "gcs_address": self.address},
                 "available_node_types": {**worker_node_types, "ray.head.default": {
@@ -128,18 +129,20 @@ class LocalAutoscalingCluster(AutoscalingCluster):
     def shutdown(self) -> None:
         if self.session is None:
             return
-        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
-            for pid in self._processes():
+        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            for pid in self.processes():
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + wait_s
-            while self._processes() and time.monotonic() < deadline:
+            while self.processes() and time.monotonic() < deadline:
                 time.sleep(0.2)  # other processes exiting: nothing to await
-        self.session = None
 
-    def _processes(self) -> list[int]:
+    def processes(self) -> list[int]:
+        """The live processes of this cluster (its session), nodes the autoscaler added included."""
+        if self.session is None:
+            return []
         found = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
@@ -202,6 +205,7 @@ class Run:
     pushed_adapter: str = ""
     drain: dict = field(default_factory=dict)
     error: str = ""
+    leftover_processes: list[int] = field(default_factory=list)  # of the cluster, after its shutdown
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def now(self) -> float:
@@ -216,7 +220,7 @@ class Run:
                 "phases": self.phases, "groups": self.groups,
                 "final_groups": self.final_groups, "actors": self.actors, "placement_groups": self.placement_groups,
                 "head_node_id": self.head_node_id, "pushed_adapter": self.pushed_adapter, "drain": self.drain,
-                "error": self.error}
+                "error": self.error, "leftover_processes": self.leftover_processes}
 
 
 def complete(run: Run, url: str, kind: str, model: str, prompt: str, max_tokens: int, stream: bool = False,
@@ -240,7 +244,8 @@ def complete(run: Run, url: str, kind: str, model: str, prompt: str, max_tokens:
             rec.text = "".join(parts)
         else:
             r = client.completions.create(**args)
-            rec.text, rec.tokens, rec.finish_reason = r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason
+            rec.text, rec.finish_reason = r.choices[0].text, r.choices[0].finish_reason
+            rec.tokens = r.usage.completion_tokens
         rec.status = 200
     except openai.APIStatusError as e:
         rec.status, rec.error = e.status_code, str(e)[:500]
@@ -277,7 +282,8 @@ class Sampler(threading.Thread):
             try:
                 app = serve.status().applications.get(APP)
                 deployment = app.deployments.get(GROUP_DEPLOYMENT) if app else None
-                states = {str(getattr(k, "value", k)): v for k, v in (deployment.replica_states if deployment else {}).items()}
+                replicas = deployment.replica_states if deployment else {}
+                states = {str(getattr(k, "value", k)): v for k, v in replicas.items()}
                 nodes = sorted(n["NodeID"] for n in ray.nodes()
                                if n["Alive"] and HEAD_NODE_RESOURCE not in n.get("Resources", {}))
             except Exception as e:  # a sample lost is a gap in the plot, nothing more
@@ -312,7 +318,7 @@ def run_scenario(knobs: Knobs, work_dir: Path) -> Run:
     from deploy import build_app
     from deploy.config import AppConfig, ScalingConfig
     from deploy.local_s3 import LocalS3
-    from deploy.seed import DEMO_ADAPTERS, DemoAdapter, seed_adapters, write_checkpoint
+    from deploy.seed import seed_adapters, write_checkpoint
 
     run = Run(knobs)
     # A throwaway loopback cluster needs no token (as the tests' own cluster); this process and,
@@ -329,7 +335,8 @@ def run_scenario(knobs: Knobs, work_dir: Path) -> Run:
     need = sum(b["CPU"] for b in group.bundles())  # 0.6: a node of 1 CPU holds one group, not two
     cluster = LocalAutoscalingCluster(
         head_resources={"CPU": 0}, temp_dir=str(work_dir / "r"), idle_timeout_minutes=knobs.idle_timeout_minutes,
-        worker_node_types={WORKER_TYPE: {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}})
+        worker_node_types={WORKER_TYPE: {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0,
+                                          "max_workers": 2}})
     assert need <= 1 < 2 * need
     scaling = ScalingConfig(min_groups=1, max_groups=2, target_ongoing_requests=knobs.target_ongoing_requests,
                             upscale_delay_s=knobs.upscale_delay_s, downscale_delay_s=knobs.downscale_delay_s,
@@ -366,6 +373,7 @@ def run_scenario(knobs: Knobs, work_dir: Path) -> Run:
                 log.warning("serve did not shut down cleanly", exc_info=True)
             ray.shutdown()
         cluster.shutdown()
+        run.leftover_processes = cluster.processes()
         s3.stop()
     return run
 
@@ -526,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench autoscale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/out/autoscale.json"))
     ap.add_argument("--plot", type=Path, default=None, help="write the plot here (PNG)")
-    ap.add_argument("--work-dir", type=Path, default=None, help="checkpoint, adapters and Ray temp dir (default: a fresh one)")
+    ap.add_argument("--work-dir", type=Path, default=None,
+                    help="checkpoint, adapters and Ray temp dir (default: a fresh one)")
     args = ap.parse_args(argv)
     # Terminated (a test's timeout): unwind, so that the cluster is shut down on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

@@ -38,6 +38,7 @@ def scenario() -> dict:
         assert out.is_file(), err[-4000:]
         run = json.loads(out.read_text())
     assert not run["error"] and p.returncode == 0, (run["error"], err[-4000:])
+    assert run["leftover_processes"] == []   # the cluster's shutdown ended every process it had
     return run
 
 
@@ -132,3 +133,24 @@ def test_the_removed_group_finishes_its_streams_then_its_node_goes(scenario):
     assert len({r["text"] for r in streams}) == 1   # the drained group's output is the survivor's
     node_of = {g: s["workers"][0]["node_id"] for g, s in run["groups"].items()}
     assert run["samples"][-1]["worker_nodes"] == [node_of[kept]] != [node_of[removed]]
+
+
+def test_scaling_knobs_reach_serves_autoscaling_config():
+    from ray.serve.config import AutoscalingConfig
+
+    from deploy.config import AppConfig, ScalingConfig
+
+    env = {"BDLORA_MIN_GROUPS": "1", "BDLORA_MAX_GROUPS": "3", "BDLORA_UPSCALE_DELAY_S": "5",
+           "BDLORA_DOWNSCALE_DELAY_S": "120", "BDLORA_LOOK_BACK_PERIOD_S": "20",
+           "BDLORA_GRACEFUL_SHUTDOWN_TIMEOUT_S": "90"}
+    s = AppConfig.from_env(env).scaling
+    knobs = AutoscalingConfig(**s.autoscaling_config())
+    assert (knobs.upscale_delay_s, knobs.downscale_delay_s, knobs.look_back_period_s) == (5, 120, 20)
+    assert s.graceful_shutdown_timeout_s == 90
+    # Unset: Serve's own defaults.
+    assert set(ScalingConfig().autoscaling_config()) == {"min_replicas", "max_replicas", "initial_replicas",
+                                                         "target_ongoing_requests"}
+    for bad in ({"BDLORA_UPSCALE_DELAY_S": "-1"}, {"BDLORA_DOWNSCALE_DELAY_S": "soon"},
+                {"BDLORA_GRACEFUL_SHUTDOWN_TIMEOUT_S": "0"}):
+        with pytest.raises(ValueError, match="BDLORA_DOWNSCALE|delays|timeout"):
+            AppConfig.from_env(bad)
