@@ -49,8 +49,9 @@ def test_dry_run_writes_every_section_with_sane_content(report):
         assert r["base_gemm_us"] > 0
 
     dec = s["decode"]["rows"]
-    assert [(r["batch"], r["adapters"]) for r in dec] == [(4, 0), (4, 2)]
-    assert all(r["tokens_per_s"] > 0 for r in dec) and dec[0]["vs_no_lora"] == 1.0
+    assert [(r["batch"], r["adapters"]) for r in dec] == [(4, 0), (4, 2), (4, 0)]  # no LoRA first and last
+    assert all(r["tokens_per_s"] > 0 for r in dec)
+    assert max(dec[0]["vs_no_lora"], dec[2]["vs_no_lora"]) == 1.0 and min(dec[0]["vs_no_lora"], dec[2]["vs_no_lora"]) <= 1.0
 
     for i, name in enumerate(gpu.SECTIONS, 1):
         assert f"## {i}. {name}: ok" in md
