@@ -285,8 +285,10 @@ class Engine:
                 seq = self._seqs.get(item[1])
                 if seq is not None:
                     self._finish(seq, "abort")
-                for req, sink, _ in [c for c in self._compiling if c[0].request_id == item[1]]:
+                aborted = [c for c in self._compiling if c[0].request_id == item[1]]
+                if aborted:
                     self._compiling = [c for c in self._compiling if c[0].request_id != item[1]]
+                for req, sink, _ in aborted:
                     self._outbox.append((sink, RequestOutput(req.request_id, (), "", True, "abort",
                                                              len(req.prompt_ids))))
             elif kind == "prefetch":

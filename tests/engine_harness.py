@@ -12,8 +12,20 @@ from bdlora_ray.config import LlamaConfig
 from bdlora_ray.engine import Engine, EngineConfig
 from bdlora_ray.memory import PoolConfig
 from bdlora_ray.request import GenerationRequest, RequestOutput
-from bdlora_ray.tokenizer import load_tokenizer
+from bdlora_ray.tokenizer import load_tokenizer, save_byte_tokenizer
 from bdlora_ray.worker import LocalShardSource, StepChannel, TPWorker
+from reference import make_adapter, make_checkpoint
+
+
+def engine_files(d: Path, cfg: LlamaConfig, seeds: tuple[int, int] = (21, 22), bd_blocks: int = 1,
+                 bd_mode: str = "bd") -> tuple[Path, dict[str, tuple[str, str]]]:
+    """A random checkpoint with a byte tokenizer, and two PEFT adapters: `small` (rank 4 on q/v,
+    served replicated) and `bd` (BD-LoRA rank 8 in `bd_blocks` blocks, served `bd_mode`)."""
+    ckpt = make_checkpoint(cfg, d / "tiny")
+    save_byte_tokenizer(ckpt)
+    small = make_adapter(ckpt, d / "small", rank=4, targets=["q_proj", "v_proj"], seed=seeds[0])
+    bd = make_adapter(ckpt, d / "bd", rank=8, nblocks=bd_blocks, seed=seeds[1])
+    return ckpt, {"small": (str(small), "replicated"), "bd": (str(bd), bd_mode)}
 
 
 def local_engine(cfg: LlamaConfig, checkpoint: Path, adapters: dict[str, tuple[str, str | None]],

@@ -13,21 +13,14 @@ from bdlora_ray.engine import EngineConfig
 from bdlora_ray.errors import AdapterInUse, InvalidRequest, Overloaded
 from bdlora_ray.request import GenerationRequest, SamplingParams
 from bdlora_ray.sampling import make_generator, sample_row
-from bdlora_ray.tokenizer import save_byte_tokenizer
-from engine_harness import hf_generate, local_engine, run_to_completion, tokens
-from reference import make_adapter, make_checkpoint
+from engine_harness import engine_files, hf_generate, local_engine, run_to_completion, tokens
 
 CFG = LlamaConfig.from_name("tiny")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("engine")
-    ckpt = make_checkpoint(CFG, d / "tiny")
-    save_byte_tokenizer(ckpt)
-    small = make_adapter(ckpt, d / "small", rank=4, targets=["q_proj", "v_proj"], seed=21)
-    bd = make_adapter(ckpt, d / "bd", rank=8, nblocks=1, seed=22)
-    return ckpt, {"small": (str(small), "replicated"), "bd": (str(bd), "bd")}
+    return engine_files(tmp_path_factory.mktemp("engine"), CFG)
 
 
 def req(rid, prompt, adapter=None, **params) -> GenerationRequest:

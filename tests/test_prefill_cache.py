@@ -19,10 +19,9 @@ import torch.multiprocessing as mp
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.engine import EngineConfig
 from bdlora_ray.request import GenerationRequest, SamplingParams
-from bdlora_ray.tokenizer import save_byte_tokenizer
 from deploy.metrics import GroupStatsCollector
-from engine_harness import hf_generate, local_engine, run_to_completion, tokens
-from reference import make_adapter, make_checkpoint
+from engine_harness import engine_files, hf_generate, local_engine, run_to_completion, tokens
+from reference import make_adapter
 
 CFG = LlamaConfig.from_name("tiny")
 BUDGET = 16      # tokens per step: every prompt below is longer
@@ -32,13 +31,8 @@ MODES = [dict(enable_chunked_prefill=c, enable_prefix_caching=p) for c in (True,
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("prefill")
-    ckpt = make_checkpoint(CFG, d / "tiny")
-    save_byte_tokenizer(ckpt)
-    small = make_adapter(ckpt, d / "small", rank=4, targets=["q_proj", "v_proj"], seed=31)
-    bd = make_adapter(ckpt, d / "bd", rank=8, nblocks=2, seed=32)
     # At TP=1 the BD-LoRA adapter (2 blocks) is served replicated; the TP=2 test serves it bd.
-    return ckpt, {"small": (str(small), "replicated"), "bd": (str(bd), "replicated")}
+    return engine_files(tmp_path_factory.mktemp("prefill"), CFG, seeds=(31, 32), bd_blocks=2, bd_mode="replicated")
 
 
 def req(rid, prompt, adapter=None, n=NEW) -> GenerationRequest:

@@ -17,9 +17,8 @@ from bdlora_ray.config import LlamaConfig
 from bdlora_ray.errors import InvalidRequest
 from bdlora_ray.request import GenerationRequest, SamplingParams, StructuredOutput
 from bdlora_ray.sampling import _top_k_top_p, make_generator, process_logits, sample
-from bdlora_ray.tokenizer import save_byte_tokenizer
-from engine_harness import local_engine, run_to_completion, tokens
-from reference import hf_logits, make_adapter, make_checkpoint
+from engine_harness import engine_files, local_engine, run_to_completion, tokens
+from reference import hf_logits
 
 CFG = LlamaConfig.from_name("tiny")
 V = 97
@@ -102,12 +101,7 @@ def test_batched_draws_follow_softmax_and_seeded_rows_reproduce_anywhere_in_the_
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sampling")
-    ckpt = make_checkpoint(CFG, d / "tiny")
-    save_byte_tokenizer(ckpt)
-    small = make_adapter(ckpt, d / "small", rank=4, targets=["q_proj", "v_proj"], seed=21)
-    bd = make_adapter(ckpt, d / "bd", rank=8, nblocks=1, seed=22)
-    return ckpt, {"small": (str(small), "replicated"), "bd": (str(bd), "bd")}
+    return engine_files(tmp_path_factory.mktemp("sampling"), CFG)
 
 
 @pytest.fixture(scope="module")
