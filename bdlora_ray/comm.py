@@ -6,11 +6,14 @@ maps a collective's kind to how many times this rank issued it.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 class Comm:
@@ -94,3 +97,19 @@ def init_distributed(rank: int, world_size: int, init_method: str, backend: str 
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     return DistComm()
+
+
+def leave_world(barrier: bool = False) -> None:
+    """Leave this process's torch.distributed world (at exit, or before joining a new one).
+
+    A gloo rank that exits while a peer still holds a connection to it can abort the peer at
+    its own exit ("terminate called without an active exception"); with `barrier`, every rank
+    first waits for the others, so the world is torn down by all ranks together."""
+    if not dist.is_initialized():
+        return
+    try:
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+    except Exception:  # a broken world (a peer died) may not tear down cleanly
+        log.warning("torch.distributed did not shut down cleanly", exc_info=True)

@@ -16,7 +16,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from bdlora_ray.comm import leave_world
 from bdlora_ray.engine import Engine
 from bdlora_ray.errors import AdapterInvalid, AdapterUnavailable, ReplicaGroupFailed, error_from_name
 from bdlora_ray.memory import PoolConfig
@@ -108,17 +109,6 @@ def build_rank(rank: int, config: GroupConfig, init_method: str, store: Any):
     pool = PoolConfig.for_model(cfg, c.tp, c.engine.num_pages, c.engine.block_size, dtype, device)
     return TPWorker(cfg, c.model_path, comm, pool, StoreShardSource(store), StepChannel(c.tp, cpu_group),
                     device, dtype)
-
-
-def leave_world() -> None:
-    """Leave this process's torch.distributed world (before joining a new one)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # a broken world (a peer died) may not tear down cleanly
-            log.warning("torch.distributed did not shut down cleanly", exc_info=True)
 
 
 class TPWorkerActor:

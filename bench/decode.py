@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bdlora_ray.comm import init_distributed
+from bdlora_ray.comm import init_distributed, leave_world
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.engine import Engine, EngineConfig
 from bdlora_ray.lora.layout import TARGETS
@@ -118,6 +118,7 @@ def _worker(rank: int, args: argparse.Namespace, root: str, adapters: dict, init
     worker = TPWorker(cfg, str(Path(root) / "model"), comm, pool, source, channel)
     if rank > 0:
         worker.serve_forever()
+        leave_world(barrier=True)
         return
     engine = Engine(worker, load_tokenizer(Path(root) / "model"), engine_cfg)
     per_layer, head = base_macs(cfg, args.tp)
@@ -140,6 +141,7 @@ def _worker(rank: int, args: argparse.Namespace, root: str, adapters: dict, init
                      "flop_bound": base / (base + cfg.num_layers * lora)})
     engine.stop()  # tells rank 1 to stop
     Path(result).write_text(json.dumps(rows))
+    leave_world(barrier=True)
 
 
 def spread(names: list[str], batch: int) -> list[str | None]:

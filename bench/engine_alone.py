@@ -25,7 +25,7 @@ def _worker(rank: int, tp: int, model_dir: str, adapters: dict, cases: dict, ste
             init: str, result: str) -> None:
     import torch.distributed as dist
 
-    from bdlora_ray.comm import init_distributed
+    from bdlora_ray.comm import init_distributed, leave_world
     from bdlora_ray.config import LlamaConfig
     from bdlora_ray.engine import Engine, EngineConfig
     from bdlora_ray.memory import PoolConfig
@@ -41,11 +41,12 @@ def _worker(rank: int, tp: int, model_dir: str, adapters: dict, cases: dict, ste
     worker = TPWorker(cfg, model_dir, comm, pool, LocalShardSource(adapters, cfg, tp), channel)
     if rank > 0:
         worker.serve_forever()
-        return
-    eng = Engine(worker, load_tokenizer(model_dir), ecfg)
-    rates = {label: decode_rate(eng, names, steps) for label, names in cases.items()}
-    eng.stop()  # tells the other ranks to stop
-    Path(result).write_text(json.dumps(rates))
+    else:
+        eng = Engine(worker, load_tokenizer(model_dir), ecfg)
+        rates = {label: decode_rate(eng, names, steps) for label, names in cases.items()}
+        eng.stop()  # tells the other ranks to stop
+        Path(result).write_text(json.dumps(rates))
+    leave_world(barrier=True)
 
 
 def decode_rate(engine: Any, names: list, steps: int) -> float:

@@ -5,7 +5,6 @@ prompt as the served tokenizer renders it."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
