@@ -13,12 +13,17 @@ batch B (every sequence decoding in each timed step):
 Each row prints its decode rate as a ratio to no LoRA and to 1 adapter of its
 sweep, beside the FLOP bound: base MACs / (base + LoRA MACs) per token on one
 rank, the LoRA MACs being each row's adapter factors' elements (each is used
-once per token). Adapter loads and prefill are not timed; each scenario's rate
-is its fastest of --windows windows of --steps decode steps, over --rounds
-passes through all scenarios (on a shared machine the fastest is the least
-disturbed).
+once per token). Adapter loads and prefill are not timed.
 
-    python -m bench decode [--tp 2] [--batch 64] [--steps 8] [--windows 3] [--rank 16] [--counts 1,4,16,64,256]
+Measurement, made for a shared, noisy machine: --rounds rounds, each running
+every scenario once, back to back (interleaved: ABC.. then ..CBA, the order
+reversed every other round so that a slow drift hits both sides of a ratio
+alike). In a round a scenario's rate is its fastest of --windows windows of
+--steps decode steps. Each ratio is the median over rounds of the ratio of
+the two rates measured in the same round; a row's tok/s is the median of its
+rounds' rates (what the JSON's `rounds` lists).
+
+    python -m bench decode [--tp 2] [--batch 64] [--steps 8] [--windows 2] [--rounds 5] [--rank 16] [--counts 1,4,16,64,256]
 
 On this CPU the LoRA part runs the torch kernel backend; the ratios, not the
 absolute numbers, are the result. Prints a table, the acceptance ratios last.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -123,20 +129,22 @@ def _worker(rank: int, args: argparse.Namespace, root: str, adapters: dict, init
     engine = Engine(worker, load_tokenizer(Path(root) / "model"), engine_cfg)
     per_layer, head = base_macs(cfg, args.tp)
     cost = AdapterCost(source)
-    best: dict[str, float] = {}
-    for round_ in range(args.rounds):  # every scenario once per round: slow spells hit them alike
-        for sc in scenarios(args):
+    rates: dict[str, list[float]] = {sc["scenario"]: [] for sc in scenarios(args)}
+    for round_ in range(args.rounds):
+        order = scenarios(args) if round_ % 2 == 0 else scenarios(args)[::-1]
+        for sc in order:
             if len(sc["names"]) > args.batch:
                 make_resident(engine, args, sc["names"])
             rate = decode_rate(engine, args, spread(sc["names"], args.batch), f"{sc['scenario']} #{round_}")
-            best[sc["scenario"]] = max(best.get(sc["scenario"], 0.0), rate)
+            rates[sc["scenario"]].append(rate)
             print(f"{sc['scenario']:<24} {rate:10.1f} tok/s", file=sys.stderr, flush=True)
     rows = []
     for sc in scenarios(args):
         batch_names = spread(sc["names"], args.batch)
         lora = sum(cost(n)[1] for n in batch_names if n is not None) / args.batch
         base = cfg.num_layers * per_layer + head
-        rows.append({**{k: v for k, v in sc.items() if k != "names"}, "tokens_per_s": best[sc["scenario"]],
+        rows.append({**{k: v for k, v in sc.items() if k != "names"}, "rounds": rates[sc["scenario"]],
+                     "tokens_per_s": statistics.median(rates[sc["scenario"]]),
                      "ranks": sorted({cost(n)[0] for n in set(batch_names) if n is not None}),
                      "flop_bound": base / (base + cfg.num_layers * lora)})
     engine.stop()  # tells rank 1 to stop
@@ -193,7 +201,7 @@ def decode_rate(engine: Engine, args: argparse.Namespace, names: list[str | None
     if len(engine.scheduler.running) != args.batch:
         raise RuntimeError(f"{label}: {len(engine.scheduler.running)} of {args.batch} sequences running")
     dt = float("inf")
-    for _ in range(args.windows):  # the fastest window: the least disturbed by other load
+    for _ in range(args.windows):  # the fastest window of the round: the least disturbed by other load
         t0 = time.perf_counter()
         for _ in range(args.steps):
             engine.step()
@@ -202,14 +210,19 @@ def decode_rate(engine: Engine, args: argparse.Namespace, names: list[str | None
     return args.batch * args.steps / dt
 
 
+def per_round_ratio(row: dict, ref: dict) -> float:
+    """Median over rounds of row's rate / ref's rate in the same round (noise of one round hits both)."""
+    return statistics.median(a / b for a, b in zip(row["rounds"], ref["rounds"], strict=True))
+
+
 def ratios(rows: list[dict]) -> list[dict]:
     """Each row's rate as a ratio to no LoRA and to 1 adapter of its sweep, beside the bounds."""
     base = next(r for r in rows if r["adapters"] == 0)
     ones = {r["sweep"]: r for r in rows if r["adapters"] == 1}
     for r in rows:
         one = ones.get(r["sweep"], base)
-        r["vs_no_lora"] = r["tokens_per_s"] / base["tokens_per_s"]
-        r["vs_1_adapter"] = r["tokens_per_s"] / one["tokens_per_s"]
+        r["vs_no_lora"] = per_round_ratio(r, base)
+        r["vs_1_adapter"] = per_round_ratio(r, one)
         r["bound_vs_1_adapter"] = r["flop_bound"] / one["flop_bound"]
     return rows
 
@@ -238,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--windows", type=int, default=3, help="timed windows of --steps steps; the fastest counts")
-    p.add_argument("--rounds", type=int, default=1, help="passes over all scenarios; each one's fastest counts")
+    p.add_argument("--windows", type=int, default=2, help="timed windows of --steps steps per round; the fastest counts")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved passes over all scenarios; ratios are medians of per-round ratios")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--counts", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64, 256],
                    help="distinct adapters of the mixed-rank sweep, comma separated (must include 1)")

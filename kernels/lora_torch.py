@@ -4,22 +4,32 @@ Same signatures and semantics as `lora_ref` (read that first). The cost
 follows rows and total rank, not the number of distinct adapters: there is
 no loop over adapters. Per step, rows are sorted by (layout class, slot),
 where slots of one class hold every factor at the same offsets with the same
-ranks (adapters of one rank and targets). Per layer, one gather per class
-copies the used slots' pages into a (U_c, pages * P) buffer, in which each
-factor of every slot is a strided view; per class and slice one batched
-product then serves all its rows, in whichever of three shapes is cheapest
-(`Strategy`):
+ranks (adapters of one rank and targets). Per layer and class, the used
+slots' pages form one (U_c, pages * P) buffer in which each factor of every
+slot is a strided view: a view of the pool itself when the slots' pages lie
+at a regular stride (one adapter in consecutive pages, the common case), else
+one gather into a reused workspace. Per class and call, one batched product
+serves all its rows, in whichever of three shapes is cheapest (`strategy`):
 
 - "matmul": one slot: x_c @ A.T, a plain GEMM (Punica SGMV with one segment);
 - "padded": rows grouped per slot and padded to the busiest slot's count,
-  one bmm over slots (SGMV as a batched GEMM); pays while padding is small;
+  one bmm over slots (SGMV as a batched GEMM); no padding copy when every
+  slot has as many rows; pays while padding is small;
 - "rows":    each row's factor gathered from the buffer, one bmm of GEMVs
   (S-LoRA's BGMV); for skewed batches where padding would waste more.
 
+Factors whose pages lie back to back (a fused linear's A factors, see
+`bdlora_ray.lora.layout`) are applied in one product: the shrink of q|k|v
+is one GEMM per class, not three.
+
+Everything a call needs besides the products is computed once per step (the
+row plan, each class's page runs) or once per step and linear (each class's
+offsets and ranks as Python ints): a call is a few tensor ops per class.
+
 Classes come from the caller (`StepCache(slot_class=..., slot_pages=...)`,
 computed once per adapter load by `bdlora_ray.lora.slots`), so all the
-linears of a layer share one gather; without them each call derives classes
-from its own metadata (one gather per call, same results).
+linears of a layer share one buffer; without them each call derives classes
+from its own metadata (same results).
 """
 
 from __future__ import annotations
@@ -51,14 +61,14 @@ class Workspace:
 
 class StepCache:
     """What every layer of one batch shares on the torch path: its row plan and, per layer,
-    the gathered pages. Computed at the first layer, reused by the others. Entries are keyed
+    the class buffers. Computed at the first layer, reused by the others. Entries are keyed
     by the batch's tensors' storage, so one cache serves one batch (whose tensors live as long
     as it does).
 
     slot_class: (C,) int64 host tensor; slots with equal class have equal offsets, ranks,
         output columns and page counts in every linear (None: derived per call).
     slot_pages: (C,) int64 host tensor; pages each slot uses (None: the page table's width).
-    workspace: where the gathered pages go (None: fresh tensors)."""
+    workspace: where gathered pages go (None: fresh tensors)."""
 
     def __init__(self, slot_class: Tensor | None = None, slot_pages: Tensor | None = None,
                  workspace: Workspace | None = None) -> None:
@@ -82,6 +92,10 @@ class StepCache:
         return held[1]
 
 
+def _cached(cache: StepCache | None, key: tuple, make: Callable[[], Any]) -> Any:
+    return make() if cache is None else cache.get(key, make)
+
+
 def _ptr(t: Tensor | int) -> int | tuple:
     return t if isinstance(t, int) else (t.data_ptr(), tuple(t.shape))
 
@@ -93,11 +107,17 @@ class ClassPlan:
     r0: int            # first sorted row of the class
     r1: int            # one past its last
     slots: Tensor      # (U_c,) int64 distinct slots, in the order the rows are sorted
+    first_slot: int    # slots[0]: every slot of the class has its metadata
     inv: Tensor        # (T_c,) int64 each row's index into slots
     pos: Tensor        # (T_c,) int64 each row's position among its slot's rows
     busiest: int       # m_c, rows of the slot with the most
     pages: int         # pages every slot of the class uses
     strategy: str      # "matmul" | "padded" | "rows"
+
+    @property
+    def uniform(self) -> bool:
+        """Every slot has m_c rows: the sorted rows are already the padded batch."""
+        return len(self.slots) * self.busiest == self.r1 - self.r0
 
 
 @dataclass(frozen=True)
@@ -140,13 +160,13 @@ def _row_plan(idx: Tensor, slot_class: Tensor, slot_pages: Tensor) -> RowPlan:
     new_cls = torch.ones(len(uniq), dtype=torch.bool, device=rows.device)
     new_cls[1:] = cls[new_slot][1:] != cls[new_slot][:-1]
     u_bounds = new_cls.nonzero().squeeze(1).tolist() + [len(uniq)]
-    starts_l, counts_l = starts.tolist() + [Ta], counts.tolist()
+    starts_l, counts_l, uniq_l = starts.tolist() + [Ta], counts.tolist(), uniq.tolist()
     classes = []
     for u0, u1 in zip(u_bounds[:-1], u_bounds[1:]):
         r0, r1 = starts_l[u0], starts_l[u1]
         busiest = max(counts_l[u0:u1])
-        classes.append(ClassPlan(r0, r1, uniq[u0:u1], u_id[r0:r1] - u0, pos[r0:r1], busiest,
-                                 int(slot_pages[int(uniq[u0])]), strategy(r1 - r0, u1 - u0, busiest)))
+        classes.append(ClassPlan(r0, r1, uniq[u0:u1], uniq_l[u0], u_id[r0:r1] - u0, pos[r0:r1], busiest,
+                                 int(slot_pages[uniq_l[u0]]), strategy(r1 - r0, u1 - u0, busiest)))
     identity = Ta == len(idx) and bool((rows == torch.arange(Ta, device=rows.device)).all())
     return RowPlan(rows, slot, tuple(classes), identity)
 
@@ -174,23 +194,55 @@ def _plan(idx: Tensor, page_table: Tensor, meta: tuple[Tensor, ...], cache: Step
     return cache.get(key, make)
 
 
+@dataclass(frozen=True)
+class PageRun:
+    """Where one class's pages are: `ids` (U_c * pages_c,) for a gather, and, when slot u's pages
+    are first + u * stride + (0, 1, .., pages_c - 1), `first` and `stride` (a strided view)."""
+
+    ids: Tensor
+    first: int | None
+    stride: int
+
+
+def _page_runs(page_table: Tensor, plan: RowPlan) -> list[PageRun]:
+    out = []
+    for c in plan.classes:
+        pt = page_table.index_select(0, c.slots)[:, :c.pages].long()  # (U_c, pages_c)
+        first, stride = None, 0
+        if bool((pt[:, 1:] - pt[:, :-1] == 1).all()):
+            bases = pt[:, 0].tolist()
+            steps = {b - a for a, b in zip(bases[:-1], bases[1:])}
+            if not steps:
+                first = bases[0]
+            elif len(steps) == 1 and next(iter(steps)) >= c.pages:
+                first, stride = bases[0], steps.pop()
+        out.append(PageRun(pt.reshape(-1), first, stride))
+    return out
+
+
 def _class_buffers(pool: Tensor, page_table: Tensor, plan: RowPlan, cache: StepCache | None) -> list[Tensor]:
-    """Per class, its slots' pages of this layer: (U_c, pages_c * P) float32, one copy each.
-    The newest layer's are kept in the cache: every linear of a layer shares them."""
+    """Per class, its slots' pages of this layer: (U_c, pages_c * P) float32, a view of the pool
+    where the pages lie at a regular stride, else one copy. The newest layer's are kept in the
+    cache: every linear of a layer shares them."""
+    runs = _cached(cache, ("runs", _ptr(page_table), id(plan)), lambda: _page_runs(page_table, plan))
+
     def make() -> list[Tensor]:
         P = pool.shape[1]
-        sizes = [len(c.slots) * c.pages * P for c in plan.classes]
+        gathered = [c for c, run in zip(plan.classes, runs) if run.first is None]
         ws = cache.workspace if cache is not None else None
-        flat = ws.take(sum(sizes), pool.dtype, pool.device) if ws is not None else None
+        flat = ws.take(sum(len(c.slots) * c.pages * P for c in gathered), pool.dtype, pool.device) \
+            if ws is not None and gathered else None
         out, at = [], 0
-        for c, size in zip(plan.classes, sizes):
-            ids = page_table.index_select(0, c.slots)[:, :c.pages].reshape(-1).long()
-            if flat is None:
-                buf = pool.index_select(0, ids)
+        for c, run in zip(plan.classes, runs):
+            U, width = len(c.slots), c.pages * P
+            if run.first is not None:  # in place: pool row first + u * stride holds slot u's first page
+                buf = pool.as_strided((U, width), (run.stride * P, 1), pool.storage_offset() + run.first * P)
+            elif flat is None:
+                buf = pool.index_select(0, run.ids)
             else:  # the previous layer's buffers are dead: layers run one after the other
-                buf = torch.index_select(pool, 0, ids, out=flat[at:at + size].view(-1, P))
-            out.append(buf.view(len(c.slots), -1).float())
-            at += size
+                buf = torch.index_select(pool, 0, run.ids, out=flat[at:at + U * width].view(-1, P))
+                at += U * width
+            out.append(buf.view(U, width).float())
         return out
 
     if cache is None:
@@ -198,10 +250,27 @@ def _class_buffers(pool: Tensor, page_table: Tensor, plan: RowPlan, cache: StepC
     return cache.latest("buffers", (pool.data_ptr(), id(plan)), make)
 
 
-def _slot_meta(c: ClassPlan, tables: tuple[Tensor, ...]) -> list[list[int]]:
-    """The class's metadata rows (every slot's are the same): one list per table."""
-    slot = int(c.slots[0])
-    return [t[slot].tolist() for t in tables]
+def _slot_meta(plan: RowPlan, tables: tuple[Tensor, ...], cache: StepCache | None) -> list[list[list[int]]]:
+    """Per class, its metadata rows (every slot's are the same): one list per table; read to the
+    host once per step and linear."""
+    def make() -> list[list[list[int]]]:
+        slots = torch.tensor([c.first_slot for c in plan.classes], device=tables[0].device)
+        return [list(rows) for rows in zip(*(t.index_select(0, slots).tolist() for t in tables))]
+
+    return _cached(cache, ("meta", id(plan), *(_ptr(t) for t in tables)), make)
+
+
+def _runs_of_slices(offs: list[int], ranks: list[int], d_in: int) -> list[tuple[int, int, int]]:
+    """Slices with rank > 0 grouped into runs whose A factors lie back to back: (s0, s1, offset)."""
+    runs: list[list[int]] = []
+    for s, (off, r) in enumerate(zip(offs, ranks)):
+        if r == 0:
+            continue
+        if runs and runs[-1][1] == s and off == offs[s - 1] + ranks[s - 1] * d_in:
+            runs[-1][1] = s + 1
+        else:
+            runs.append([s, s + 1, off])
+    return [tuple(run) for run in runs]
 
 
 def _product(left: Tensor, right: Tensor, c: ClassPlan) -> Tensor:
@@ -209,7 +278,14 @@ def _product(left: Tensor, right: Tensor, c: ClassPlan) -> Tensor:
     if c.strategy == "matmul":
         return left @ right[0].T  # (T_c, n)
     if c.strategy == "padded":
-        padded = left.new_zeros(len(c.slots), c.busiest, left.shape[1])  # (U_c, m_c, k)
+        U, k = len(c.slots), left.shape[1]
+        if c.uniform and c.busiest == 1 and k < right.shape[1]:
+            # one row per slot, a wide factor (expand): as GEMVs of the factor in its own row-major
+            # order, which MKL's batched path runs ~1.5x faster than the transposed form
+            return torch.bmm(right, left.unsqueeze(2)).squeeze(2)  # (U_c, n)
+        if c.uniform:  # rows sorted by slot, m_c each: already (U_c, m_c, k)
+            return torch.bmm(left.reshape(U, c.busiest, k), right.transpose(1, 2)).reshape(-1, right.shape[1])
+        padded = left.new_zeros(U, c.busiest, k)  # (U_c, m_c, k)
         padded[c.inv, c.pos] = left
         return torch.bmm(padded, right.transpose(1, 2))[c.inv, c.pos]  # (T_c, n)
     per_row = right.index_select(0, c.inv)  # (T_c, n, k)
@@ -220,23 +296,34 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
                       rank: Tensor, max_rank: int, cache: StepCache | None = None) -> Tensor:
     T, d_in = x.shape
     n_slices = a_offset.shape[1]
-    h = torch.zeros(T, n_slices, max_rank, dtype=torch.float32, device=x.device)
     if max_rank == 0:
-        return h
+        return torch.zeros(T, n_slices, 0, dtype=torch.float32, device=x.device)
     plan = _plan(idx, page_table, (a_offset, rank), cache)
     if not plan.classes:
-        return h
+        return torch.zeros(T, n_slices, max_rank, dtype=torch.float32, device=x.device)
     bufs = _class_buffers(pool, page_table, plan, cache)
+    metas = _slot_meta(plan, (a_offset, rank), cache)
     xs = plan.take(x).float()  # (Ta, d_in)
+    if plan.identity and len(plan.classes) == 1:  # one class, every row: h may be the product itself
+        offs, ranks = metas[0]
+        runs = _runs_of_slices(offs, ranks, d_in)
+        if len(runs) == 1 and runs[0][:2] == (0, n_slices) and all(r == max_rank for r in ranks):
+            c, off = plan.classes[0], runs[0][2]
+            A = bufs[0][:, off:off + n_slices * max_rank * d_in].view(len(c.slots), -1, d_in)
+            return _product(xs, A, c).view(T, n_slices, max_rank)
+    h = torch.zeros(T, n_slices, max_rank, dtype=torch.float32, device=x.device)
     hs = h if plan.identity else torch.zeros(len(plan.rows), n_slices, max_rank, dtype=torch.float32,
                                               device=x.device)
-    for c, buf in zip(plan.classes, bufs):
-        offs, ranks = _slot_meta(c, (a_offset, rank))
+    for c, buf, (offs, ranks) in zip(plan.classes, bufs, metas):
         xc = xs[c.r0:c.r1]
-        for s, (off, r) in enumerate(zip(offs, ranks)):
-            if r > 0:
-                A = buf[:, off:off + r * d_in].view(len(c.slots), r, d_in)  # (U_c, r, d_in), a view
-                hs[c.r0:c.r1, s, :r] = _product(xc, A, c)
+        for s0, s1, off in _runs_of_slices(offs, ranks, d_in):
+            width = sum(ranks[s0:s1])
+            A = buf[:, off:off + width * d_in].view(len(c.slots), width, d_in)  # (U_c, width, d_in), a view
+            prod = _product(xc, A, c)  # (T_c, width): slices s0..s1-1 side by side
+            at = 0
+            for s in range(s0, s1):
+                hs[c.r0:c.r1, s, :ranks[s]] = prod[:, at:at + ranks[s]]
+                at += ranks[s]
     if not plan.identity:
         h[plan.rows] = hs
     return h
@@ -249,17 +336,26 @@ def lora_expand_torch(h: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
     if not plan.classes:
         return y
     bufs = _class_buffers(pool, page_table, plan, cache)
+    metas = _slot_meta(plan, (b_offset, rank, out_start, out_len), cache)
     hs = plan.take(h)  # (Ta, n_slices, R)
     # float32 y in plan order is updated in place: the same sums as the reference's y.float() + delta
     in_place = plan.identity and y.dtype == torch.float32
     ys = y if in_place else plan.take(y).float()  # (Ta, d_out)
-    sc = scale.index_select(0, plan.slot_of_row)[:, None]  # (Ta, 1)
-    for c, buf in zip(plan.classes, bufs):
-        offs, ranks, starts, lens = _slot_meta(c, (b_offset, rank, out_start, out_len))
+    for ci, (c, buf, (offs, ranks, starts, lens)) in enumerate(zip(plan.classes, bufs, metas)):
+        if c.strategy == "matmul":  # one slot: its scale is one number
+            alpha = _cached(cache, ("scale", id(plan), ci, _ptr(scale)), lambda: float(scale[c.first_slot]))
+            hc = hs[c.r0:c.r1]
+        else:
+            sc = _cached(cache, ("scales", id(plan), _ptr(scale)),
+                         lambda: scale.index_select(0, plan.slot_of_row)[:, None, None])  # (Ta, 1, 1)
+            hc = hs[c.r0:c.r1] * sc[c.r0:c.r1]  # (T_c, n_slices, R) scaled per row
         for s, (off, r, o, n) in enumerate(zip(offs, ranks, starts, lens)):
             if r > 0 and n > 0:
                 B = buf[:, off:off + n * r].view(len(c.slots), n, r)  # (U_c, n, r), a view
-                ys[c.r0:c.r1, o:o + n] += _product(hs[c.r0:c.r1, s, :r], B, c) * sc[c.r0:c.r1]
+                if c.strategy == "matmul":
+                    ys[c.r0:c.r1, o:o + n].addmm_(hc[:, s, :r], B[0].T, alpha=alpha)
+                else:
+                    ys[c.r0:c.r1, o:o + n] += _product(hc[:, s, :r], B, c)
     if not in_place:
         y[plan.rows] = ys.to(y.dtype)
     return y

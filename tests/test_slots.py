@@ -22,7 +22,7 @@ from bdlora_ray.memory import PagePool, PoolConfig
 from bdlora_ray.synthetic import random_adapter, write_peft_adapter, write_random_checkpoint
 from bdlora_ray.worker import LocalShardSource, StepChannel, TPWorker
 from bdlora_ray.kernels.lora_ref import lora_expand_ref, lora_shrink_ref
-from bdlora_ray.kernels.lora_torch import lora_expand_torch, lora_shrink_torch, strategy
+from bdlora_ray.kernels.lora_torch import _page_runs, _plan, lora_expand_torch, lora_shrink_torch, strategy
 from test_pool import BLOCK, CFG, TP, make_shard
 
 
@@ -84,26 +84,34 @@ def test_a_step_takes_everything_but_its_index_from_the_tables():
         LoraBatch.from_tables(tables, torch.tensor([0, tables.capacity]), pool.data)
 
 
+@pytest.mark.parametrize("pages", ["scattered", "runs"])
 @pytest.mark.parametrize("rows,want", [
+    ([0] * 8, "matmul"),                                 # one adapter, every row: h is the product itself
     ([0] * 7 + [-1], "matmul"),                          # one adapter
-    ([0, 1, 2, 3, 4, 5, -1, 1, 3, 5, 0, 2, 4], "padded"),  # even use: little padding
+    ([0, 1, 2, 3, 4, 5, -1, 1, 3, 5, 0, 2, 4], "padded"),  # even use: no padding at all
+    ([0, 1, 2, 3, 4, 5, 1, 3, 0], "padded"),             # uneven use: padded
     ([0] * 10 + [1, 2, 3, 4, 5, -1], "rows"),             # skewed: gather each row's factors
 ])
-def test_torch_product_shapes_match_the_reference(rows, want):
+def test_torch_product_shapes_match_the_reference(rows, want, pages):
     """Six adapters of one class (rank 16): the planned shape is `want`, results are the
-    reference's, rows with no adapter are bit-identical."""
+    reference's, rows with no adapter are bit-identical. `runs`: the adapters' pages lie back
+    to back, read in place as one strided view; `scattered`: KV blocks between them, gathered."""
     pool, tables = make_pool(3000)
     pool.allocate_kv("filler", BLOCK * 7)
     for i in range(6):
         meta, shard = make_shard(16, seed=i, tp_rank=1)
         pool.load_adapter(f"a{i}", shard, meta)
-        pool.allocate_kv(f"gap{i}", BLOCK * (i + 1))  # pages of one adapter are not one run
+        if pages == "scattered":
+            pool.allocate_kv(f"gap{i}", BLOCK * (i + 1))  # pages of one adapter are not one run
     idx = torch.tensor(rows, dtype=torch.int32)
     used = idx[idx >= 0]
     counts = torch.bincount(used)
     assert strategy(len(used), int((counts > 0).sum()), int(counts.max())) == want
     batch = LoraBatch.from_tables(tables, idx, pool.data)
     g = batch.groups["qkv"]
+    plan = _plan(batch.idx, batch.page_table, (g.a_offset, g.rank_a), batch.segments)
+    in_place = [run.first is not None for run in _page_runs(batch.page_table, plan)]
+    assert in_place == [pages == "runs" or len(set(used.tolist())) == 1]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(len(idx), CFG.hidden_size, generator=gen)
     y0 = torch.randn(len(idx), sum(CFG.out_features(t) // TP for t in GROUPS["qkv"]), generator=gen)

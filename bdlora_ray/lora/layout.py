@@ -3,9 +3,12 @@
 A per-rank shard is a dict of tensors named `layers.{l}.{target}.lora_A`
 (shape (r_A, d_in_local)) and `layers.{l}.{target}.lora_B`
 (shape (d_out_B, r_B)). Every layer of one shard has the same shapes, so one
-`AdapterLayout` describes the adapter's per-layer *virtual buffer*: for each
-target present, in `TARGETS` order, A then B, each row-major, packed back to
-back. The adapter owns `num_pages(P)` pages, and uses the same page ids in
+`AdapterLayout` describes the adapter's per-layer *virtual buffer*: per fused
+linear of the model (`GROUPS`: q|k|v, o, gate|up, down), the A factors of its
+targets present, in order, then their B factors, each row-major, packed back
+to back. A fused linear's A factors (all of width d_in) thus form one
+(sum of ranks, d_in) matrix, so a kernel may apply them in one product. The
+adapter owns `num_pages(P)` pages, and uses the same page ids in
 every layer of the pool (as S-LoRA does), so one page table per adapter
 serves all layers.
 """
@@ -18,6 +21,13 @@ import torch
 from torch import Tensor
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Fused linear of the model -> the LoRA targets it carries, in output order (TARGETS order overall).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
 COLUMN_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_TARGETS = ("o_proj", "down_proj")
 
@@ -43,7 +53,7 @@ class Segment:
 @dataclass(frozen=True)
 class AdapterLayout:
     num_layers: int
-    segments: tuple[Segment, ...]  # A then B per target, TARGETS order
+    segments: tuple[Segment, ...]  # per group of GROUPS: its targets' A factors, then their B factors
 
     @property
     def layer_numel(self) -> int:
@@ -67,14 +77,15 @@ class AdapterLayout:
     def from_shapes(cls, num_layers: int, shapes: dict[str, tuple[int, int]]) -> "AdapterLayout":
         """`shapes` maps `{target}.lora_{A|B}` to (rows, cols) of layer 0."""
         segments, offset = [], 0
-        for target in TARGETS:
+        for targets in GROUPS.values():
             for factor in ("A", "B"):
-                key = f"{target}.lora_{factor}"
-                if key not in shapes:
-                    continue
-                rows, cols = shapes[key]
-                segments.append(Segment(target, factor, offset, rows, cols))
-                offset += rows * cols
+                for target in targets:
+                    key = f"{target}.lora_{factor}"
+                    if key not in shapes:
+                        continue
+                    rows, cols = shapes[key]
+                    segments.append(Segment(target, factor, offset, rows, cols))
+                    offset += rows * cols
         return cls(num_layers, tuple(segments))
 
     @classmethod

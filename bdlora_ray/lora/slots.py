@@ -23,18 +23,11 @@ from torch import Tensor
 
 from bdlora_ray import kernels
 from bdlora_ray.config import LlamaConfig
-from bdlora_ray.lora.layout import AdapterLayout
+from bdlora_ray.lora.layout import GROUPS, AdapterLayout
 from bdlora_ray.lora.shard import AdapterMeta
 
 log = logging.getLogger(__name__)
 
-# Fused linear of the model -> the LoRA targets it carries, in output order.
-GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
 COLUMN_GROUPS = ("qkv", "gate_up")
 _INT_FIELDS = ("a_offset", "rank_a", "b_offset", "rank_b", "out_start", "out_len")
 _DTYPES = {"a_offset": torch.int64, "b_offset": torch.int64}  # the others are int32
