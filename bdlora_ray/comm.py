@@ -7,7 +7,10 @@ maps a collective's kind to how many times this rank issued it.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections import Counter
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -113,3 +116,13 @@ def leave_world(barrier: bool = False) -> None:
         dist.destroy_process_group()
     except Exception:  # a broken world (a peer died) may not tear down cleanly
         log.warning("torch.distributed did not shut down cleanly", exc_info=True)
+
+
+def end_spawned_rank() -> NoReturn:
+    """End a spawned TP rank's process now, status 0, once its results are written and it has left the
+    world: the interpreter's teardown is skipped. Under load, a native thread of torch's CPU stack
+    can abort a process in that teardown ("terminate called without an active exception", after the
+    last Python frame), which would fail a run whose work was complete."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

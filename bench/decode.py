@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bdlora_ray.comm import init_distributed, leave_world
+from bdlora_ray.comm import end_spawned_rank, init_distributed, leave_world
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.engine import Engine, EngineConfig
 from bdlora_ray.lora.layout import TARGETS
@@ -125,7 +125,7 @@ def _worker(rank: int, args: argparse.Namespace, root: str, adapters: dict, init
     if rank > 0:
         worker.serve_forever()
         leave_world(barrier=True)
-        return
+        end_spawned_rank()
     engine = Engine(worker, load_tokenizer(Path(root) / "model"), engine_cfg)
     per_layer, head = base_macs(cfg, args.tp)
     cost = AdapterCost(source)
@@ -150,6 +150,7 @@ def _worker(rank: int, args: argparse.Namespace, root: str, adapters: dict, init
     engine.stop()  # tells rank 1 to stop
     Path(result).write_text(json.dumps(rows))
     leave_world(barrier=True)
+    end_spawned_rank()
 
 
 def spread(names: list[str], batch: int) -> list[str | None]:

@@ -25,7 +25,7 @@ def _worker(rank: int, tp: int, model_dir: str, adapters: dict, cases: dict, ste
             init: str, result: str) -> None:
     import torch.distributed as dist
 
-    from bdlora_ray.comm import init_distributed, leave_world
+    from bdlora_ray.comm import end_spawned_rank, init_distributed, leave_world
     from bdlora_ray.config import LlamaConfig
     from bdlora_ray.engine import Engine, EngineConfig
     from bdlora_ray.memory import PoolConfig
@@ -47,6 +47,7 @@ def _worker(rank: int, tp: int, model_dir: str, adapters: dict, cases: dict, ste
         eng.stop()  # tells the other ranks to stop
         Path(result).write_text(json.dumps(rates))
     leave_world(barrier=True)
+    end_spawned_rank()
 
 
 def decode_rate(engine: Any, names: list, steps: int) -> float:

@@ -265,7 +265,7 @@ TP2_CASES = {"base": None, "lora (slora)": ("lora", "slora"), "lora (replicated)
 def _tp2_rank(rank: int, init: str, device: str, work: str, out: str) -> None:
     from safetensors.torch import save_file
 
-    from bdlora_ray.comm import init_distributed
+    from bdlora_ray.comm import end_spawned_rank, init_distributed, leave_world
 
     torch.set_num_threads(1)
     comm = init_distributed(rank, 2, init, backend="gloo")  # gloo: NCCL refuses two ranks on one GPU
@@ -278,7 +278,8 @@ def _tp2_rank(rank: int, init: str, device: str, work: str, out: str) -> None:
         save_file(ours, os.path.join(out, "tp2_rank0.safetensors"))
     Path(out, f"tp2_rank{rank}.json").write_text(json.dumps({"got_logits": ours is not None,
                                                               "counts": dict(comm.counts)}))
-    torch.distributed.destroy_process_group()
+    leave_world(barrier=True)
+    end_spawned_rank()
 
 
 def model_tp2(plan: Plan, work: Path, deadline: float) -> dict:

@@ -197,7 +197,7 @@ def test_a_sequence_that_can_never_fit_is_refused_not_preempted_forever(files):
 
 def _tp_rank(rank: int, world: int, init: str, ckpt: str, adapters: dict, reqs: list, modes: list,
              out_dir: str) -> None:
-    from bdlora_ray.comm import init_distributed
+    from bdlora_ray.comm import end_spawned_rank, init_distributed, leave_world
     from bdlora_ray.engine import Engine
     from bdlora_ray.memory import PoolConfig
     from bdlora_ray.tokenizer import load_tokenizer
@@ -223,7 +223,8 @@ def _tp_rank(rank: int, world: int, init: str, ckpt: str, adapters: dict, reqs: 
             worker.serve_forever()
         result[f"usage{i}"] = worker.pool.usage().to_dict()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    leave_world(barrier=True)
+    end_spawned_rank()
 
 
 @pytest.mark.slow

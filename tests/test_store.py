@@ -406,11 +406,10 @@ def _serve_rank(rank: int, world: int, init_file: str, checkpoint: str, names: l
     import json
     import os
 
-    import torch.distributed as dist
     from safetensors.torch import save_file
 
     from bdlora_ray.attention import AttentionMeta
-    from bdlora_ray.comm import init_distributed
+    from bdlora_ray.comm import end_spawned_rank, init_distributed, leave_world
     from bdlora_ray.lora.batch import LoraBatch
     from bdlora_ray.memory import PagePool, PoolConfig
     from bdlora_ray.tp import TPModel
@@ -438,7 +437,8 @@ def _serve_rank(rank: int, world: int, init_file: str, checkpoint: str, names: l
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"stats": store.stats(), "pages": {n: pool.adapter(n).pages.tolist() for n in names}}, f)
-    dist.destroy_process_group()
+    leave_world(barrier=True)
+    end_spawned_rank()
 
 
 def test_pushed_adapters_served_from_two_rank_pools_equal_peft(bucket, peft_adapters, tmp_path):

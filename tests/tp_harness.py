@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from bdlora_ray.attention import AttentionMeta
-from bdlora_ray.comm import Comm, init_distributed
+from bdlora_ray.comm import Comm, end_spawned_rank, init_distributed, leave_world
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.lora.batch import AdapterSlot, LoraBatch
 from bdlora_ray.lora.layout import AdapterLayout
@@ -91,7 +91,8 @@ def _worker(rank: int, world: int, init_file: str, job: Job, out_dir: str) -> No
     out, counts = run(job, comm)
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(counts))
-    torch.distributed.destroy_process_group()
+    leave_world(barrier=True)
+    end_spawned_rank()
 
 
 def spawn_tp(job: Job, world: int) -> list[tuple[dict[str, torch.Tensor], dict]]:
