@@ -173,9 +173,9 @@ class PagePool:
             idle -= self._adapters[keep].num_pages
         return len(self._free) + len(self._cached) - sum(p in self._cached for p in reuse) + idle
 
-    def _take(self, n: int, what: str) -> list[int]:
+    def _take(self, n: int, what: str, top: bool = False) -> list[int]:
         """n free page ids, evicting cached blocks and idle adapters, least recently used first,
-        if needed; all or nothing."""
+        if needed; all or nothing. The lowest free ids, or with `top` the highest, ascending."""
         if n > len(self._free) and n > len(self._free) + len(self._cached) + self._idle_pages():
             u = self.usage()
             raise PoolExhausted(
@@ -189,7 +189,13 @@ class PagePool:
                 self._drop_block(block[0])
             else:
                 self._evict(adapter.name)
-        return [heapq.heappop(self._free) for _ in range(n)]
+        if not top:
+            return [heapq.heappop(self._free) for _ in range(n)]
+        taken = sorted(heapq.nlargest(n, self._free))
+        high = set(taken)
+        self._free = [p for p in self._free if p not in high]
+        heapq.heapify(self._free)
+        return taken
 
     def _drop_block(self, page: int) -> None:
         """Forget a cached block nobody uses; its page becomes free."""
@@ -297,7 +303,10 @@ class PagePool:
             layout = AdapterLayout.from_shard(self.config.num_layers, shard)
             if not layout.segments:
                 raise ValueError(f"adapter {name!r}: shard has no layer-0 tensors")
-            ids = self._take(layout.num_pages(self.config.elems_per_page), f"adapter {name!r}")
+            # Adapters from the top of the pool, KV blocks from the bottom: adapters loaded one after
+            # another then lie in runs of pages at a regular stride, which the torch kernels read in
+            # place as one strided tensor (no per-step gather of their pages).
+            ids = self._take(layout.num_pages(self.config.elems_per_page), f"adapter {name!r}", top=True)
             pages = torch.tensor(ids, dtype=torch.int32, device=self.config.device)
             try:
                 layout.write_to_pool(shard, self.data, pages)

@@ -27,12 +27,13 @@ class LoraContext:
 
 def _shrink(x: Tensor, batch: LoraBatch, g: GroupMeta, layer: int) -> Tensor:
     return kernels.lora_shrink(x, batch.pool[layer], batch.page_table, batch.idx,
-                               g.a_offset, g.rank_a, g.width, segments=batch.segments)  # (T, n_slices, R)
+                               g.a_offset, g.rank_a, g.width, backend=batch.backend,
+                               segments=batch.segments)  # (T, n_slices, R)
 
 
 def _expand(h: Tensor, y: Tensor, batch: LoraBatch, g: GroupMeta, layer: int) -> None:
     kernels.lora_expand(h, batch.pool[layer], batch.page_table, batch.idx, g.b_offset, g.rank_b,
-                        g.out_start, g.out_len, batch.scale, y, segments=batch.segments)
+                        g.out_start, g.out_len, batch.scale, y, backend=batch.backend, segments=batch.segments)
 
 
 def _merge_gathered(h: Tensor, gathered: Tensor, batch: LoraBatch, g: GroupMeta) -> Tensor:

@@ -70,16 +70,18 @@ def lora_segments(idx: Tensor, block_m: int = 16, num_slots: int | None = None) 
 
 def plan_segments(idx: Tensor, num_slots: int, backend: str | None = None, *,
                   slot_class: Tensor | None = None, slot_pages: Tensor | None = None,
-                  workspace: Workspace | None = None) -> Segments | StepCache | None:
+                  workspace: Workspace | None = None, slot_first: Tensor | None = None
+                  ) -> Segments | StepCache | None:
     """What one step's kernels share, computed once per step and passed as `segments=` to
     every layer: for triton the rows grouped by slot when the batch is large enough for the
     sorted launch (else None); for torch a `StepCache` of the row plan and gathered pages
     that every layer reuses; None for the reference. `slot_class` / `slot_pages` ((S,) host
-    int64, see `StepCache`) let the torch path share one page gather per layer; `workspace`
+    int64, see `StepCache`) let the torch path share one page gather per layer, and `slot_first`
+    (each slot's first page) read slots lying at a regular stride in place; `workspace`
     (a `Workspace` the caller keeps across steps) holds the gathered pages."""
     name = resolve_backend(backend, idx)
     if name == "torch":
-        return StepCache(slot_class, slot_pages, workspace)
+        return StepCache(slot_class, slot_pages, workspace, slot_first)
     if name != "triton":
         return None
     op = importlib.import_module(".lora_shrink_op", __name__)

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,17 +63,18 @@ class Workspace:
 class StepCache:
     """What every layer of one batch shares on the torch path: its row plan and, per layer,
     the class buffers. Computed at the first layer, reused by the others. Entries are keyed
-    by the batch's tensors' storage, so one cache serves one batch (whose tensors live as long
-    as it does).
+    by the identity of the batch's tensors (the layer's pool view by its storage), so one cache
+    serves one batch, whose tensors live as long as it does.
 
     slot_class: (C,) int64 host tensor; slots with equal class have equal offsets, ranks,
         output columns and page counts in every linear (None: derived per call).
     slot_pages: (C,) int64 host tensor; pages each slot uses (None: the page table's width).
+    slot_first: (C,) int64 host tensor; each slot's first page id (None: slots in id order).
     workspace: where gathered pages go (None: fresh tensors)."""
 
     def __init__(self, slot_class: Tensor | None = None, slot_pages: Tensor | None = None,
-                 workspace: Workspace | None = None) -> None:
-        self.slot_class, self.slot_pages = slot_class, slot_pages
+                 workspace: Workspace | None = None, slot_first: Tensor | None = None) -> None:
+        self.slot_class, self.slot_pages, self.slot_first = slot_class, slot_pages, slot_first
         self.workspace = workspace
         self._entries: dict[tuple, Any] = {}
         self._latest: dict[str, tuple[tuple, Any]] = {}
@@ -94,10 +96,6 @@ class StepCache:
 
 def _cached(cache: StepCache | None, key: tuple, make: Callable[[], Any]) -> Any:
     return make() if cache is None else cache.get(key, make)
-
-
-def _ptr(t: Tensor | int) -> int | tuple:
-    return t if isinstance(t, int) else (t.data_ptr(), tuple(t.shape))
 
 
 @dataclass(frozen=True)
@@ -139,36 +137,56 @@ def strategy(num_rows: int, num_slots: int, busiest: int) -> str:
     return "padded" if num_slots * busiest <= PADDED_MAX_WASTE * num_rows else "rows"
 
 
-def _row_plan(idx: Tensor, slot_class: Tensor, slot_pages: Tensor) -> RowPlan:
-    """Sort active rows by (class, slot) and cut them into classes; vectorised but for the
-    per-class bookkeeping (a few classes: the distinct ranks/targets in the batch)."""
-    act = (idx >= 0).nonzero().squeeze(1)  # (Ta,)
-    slot = idx[act].long()
-    cls = slot_class[slot.cpu()].to(slot.device)
-    order = torch.argsort(cls * (int(slot.max()) + 1 if len(slot) else 1) + slot, stable=True)
-    rows, slot, cls = act[order], slot[order], cls[order]
-    Ta = len(rows)
+def _row_plan(idx: Tensor, slot_class: Tensor, slot_pages: Tensor, slot_first: Tensor | None = None) -> RowPlan:
+    """Sort active rows by (class, first page, slot) and cut them into classes. On the host, in
+    numpy: a batch's index is a few hundred ints at most, for which each torch op would cost
+    more than numpy's whole plan. Within a class the slots come in the order of their first
+    pages, so slots whose pages lie at a regular stride form one strided view of the pool."""
+    dev = idx.device
+    i = idx.cpu().numpy().astype(np.int64)  # (T,)
+    T = len(i)
+    act = np.flatnonzero(i >= 0)  # (Ta,)
+    Ta = len(act)
+    cls_of = slot_class.numpy()
+    pages_of = slot_pages.numpy()
+
+    def tensor(a: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+
     if Ta == 0:
-        return RowPlan(rows, slot, ())
-    new_slot = torch.ones(Ta, dtype=torch.bool, device=rows.device)
+        empty = torch.zeros(0, dtype=torch.int64, device=dev)
+        return RowPlan(empty, empty, ())
+    if Ta == T and i.min() == i.max():  # every row on one slot: nothing to sort
+        s = int(i[0])
+        rows = torch.arange(T, device=dev)
+        c = ClassPlan(0, T, tensor(i[:1]), s, torch.zeros(T, dtype=torch.int64, device=dev), rows, T,
+                      int(pages_of[s]), "matmul")
+        return RowPlan(rows, tensor(i), (c,), identity=True)
+    slot = i[act]
+    cls = cls_of[slot]
+    first = slot_first.numpy()[slot] if slot_first is not None else slot
+    order = np.lexsort((slot, first, cls))  # by class, then first page, then slot
+    rows, slot, cls = act[order], slot[order], cls[order]
+    new_slot = np.ones(Ta, dtype=bool)
     new_slot[1:] = slot[1:] != slot[:-1]
-    u_id = torch.cumsum(new_slot, 0) - 1                          # (Ta,) index into the distinct slots
-    starts = new_slot.nonzero().squeeze(1)                        # (U,) first sorted row of each slot
-    counts = torch.diff(starts, append=torch.tensor([Ta], device=rows.device))  # (U,)
-    pos = torch.arange(Ta, device=rows.device) - starts[u_id]    # (Ta,)
-    uniq = slot[new_slot]                                         # (U,)
-    new_cls = torch.ones(len(uniq), dtype=torch.bool, device=rows.device)
-    new_cls[1:] = cls[new_slot][1:] != cls[new_slot][:-1]
-    u_bounds = new_cls.nonzero().squeeze(1).tolist() + [len(uniq)]
-    starts_l, counts_l, uniq_l = starts.tolist() + [Ta], counts.tolist(), uniq.tolist()
+    u_id = np.cumsum(new_slot) - 1                # (Ta,) index into the distinct slots
+    starts = np.flatnonzero(new_slot)             # (U,) first sorted row of each slot
+    counts = np.diff(np.append(starts, Ta))       # (U,)
+    pos = np.arange(Ta) - starts[u_id]            # (Ta,)
+    uniq, ucls = slot[starts], cls[starts]        # (U,)
+    new_cls = np.ones(len(uniq), dtype=bool)
+    new_cls[1:] = ucls[1:] != ucls[:-1]
+    u_bounds = np.flatnonzero(new_cls).tolist() + [len(uniq)]
+    starts_l, counts_l = starts.tolist() + [Ta], counts.tolist()
     classes = []
     for u0, u1 in zip(u_bounds[:-1], u_bounds[1:]):
         r0, r1 = starts_l[u0], starts_l[u1]
         busiest = max(counts_l[u0:u1])
-        classes.append(ClassPlan(r0, r1, uniq[u0:u1], uniq_l[u0], u_id[r0:r1] - u0, pos[r0:r1], busiest,
-                                 int(slot_pages[uniq_l[u0]]), strategy(r1 - r0, u1 - u0, busiest)))
-    identity = Ta == len(idx) and bool((rows == torch.arange(Ta, device=rows.device)).all())
-    return RowPlan(rows, slot, tuple(classes), identity)
+        classes.append(ClassPlan(r0, r1, tensor(uniq[u0:u1]), int(uniq[u0]), tensor(u_id[r0:r1] - u0),
+                                 tensor(pos[r0:r1]), busiest, int(pages_of[uniq[u0]]),
+                                 strategy(r1 - r0, u1 - u0, busiest)))
+    identity = Ta == T and bool((rows == np.arange(T)).all())
+    return RowPlan(tensor(rows), tensor(slot), tuple(classes), identity)
 
 
 def _plan(idx: Tensor, page_table: Tensor, meta: tuple[Tensor, ...], cache: StepCache | None) -> RowPlan:
@@ -186,11 +204,11 @@ def _plan(idx: Tensor, page_table: Tensor, meta: tuple[Tensor, ...], cache: Step
         pages = cache.slot_pages if cache is not None and cache.slot_pages is not None else None
         if pages is None:
             pages = torch.full((S,), page_table.shape[1], dtype=torch.int64)
-        return _row_plan(idx, slot_class, pages)
+        return _row_plan(idx, slot_class.cpu(), pages.cpu(), cache.slot_first if given else None)
 
     if cache is None:
         return make()
-    key = ("plan", _ptr(idx)) if given else ("plan", _ptr(idx), *(_ptr(m) for m in meta))
+    key = ("plan", id(idx)) if given else ("plan", id(idx), *map(id, meta))
     return cache.get(key, make)
 
 
@@ -224,7 +242,7 @@ def _class_buffers(pool: Tensor, page_table: Tensor, plan: RowPlan, cache: StepC
     """Per class, its slots' pages of this layer: (U_c, pages_c * P) float32, a view of the pool
     where the pages lie at a regular stride, else one copy. The newest layer's are kept in the
     cache: every linear of a layer shares them."""
-    runs = _cached(cache, ("runs", _ptr(page_table), id(plan)), lambda: _page_runs(page_table, plan))
+    runs = _cached(cache, ("runs", id(page_table), id(plan)), lambda: _page_runs(page_table, plan))
 
     def make() -> list[Tensor]:
         P = pool.shape[1]
@@ -250,27 +268,43 @@ def _class_buffers(pool: Tensor, page_table: Tensor, plan: RowPlan, cache: StepC
     return cache.latest("buffers", (pool.data_ptr(), id(plan)), make)
 
 
-def _slot_meta(plan: RowPlan, tables: tuple[Tensor, ...], cache: StepCache | None) -> list[list[list[int]]]:
-    """Per class, its metadata rows (every slot's are the same): one list per table; read to the
-    host once per step and linear."""
-    def make() -> list[list[list[int]]]:
-        slots = torch.tensor([c.first_slot for c in plan.classes], device=tables[0].device)
-        return [list(rows) for rows in zip(*(t.index_select(0, slots).tolist() for t in tables))]
-
-    return _cached(cache, ("meta", id(plan), *(_ptr(t) for t in tables)), make)
+def _slot_meta(plan: RowPlan, tables: tuple[Tensor, ...]) -> list[list[list[int]]]:
+    """Per class, its metadata rows (every slot's are the same): one list per table."""
+    slots = torch.tensor([c.first_slot for c in plan.classes], device=tables[0].device)
+    return [list(rows) for rows in zip(*(t.index_select(0, slots).tolist() for t in tables))]
 
 
-def _runs_of_slices(offs: list[int], ranks: list[int], d_in: int) -> list[tuple[int, int, int]]:
-    """Slices with rank > 0 grouped into runs whose A factors lie back to back: (s0, s1, offset)."""
-    runs: list[list[int]] = []
-    for s, (off, r) in enumerate(zip(offs, ranks)):
-        if r == 0:
-            continue
-        if runs and runs[-1][1] == s and off == offs[s - 1] + ranks[s - 1] * d_in:
-            runs[-1][1] = s + 1
-        else:
-            runs.append([s, s + 1, off])
-    return [tuple(run) for run in runs]
+@dataclass(frozen=True)
+class ShrinkRun:
+    """Slices s0..s1-1 of a class, whose A factors lie back to back from `offset`: one product."""
+
+    s0: int
+    s1: int
+    offset: int
+    ranks: tuple[int, ...]  # of slices s0..s1-1, all > 0
+
+
+def _shrink_plan(plan: RowPlan, a_offset: Tensor, rank: Tensor, d_in: int) -> list[list[ShrinkRun]]:
+    """Per class, its slices with rank > 0 grouped into runs of adjacent A factors."""
+    out = []
+    for offs, ranks in _slot_meta(plan, (a_offset, rank)):
+        runs: list[ShrinkRun] = []
+        for s, (off, r) in enumerate(zip(offs, ranks)):
+            if r == 0:
+                continue
+            last = runs[-1] if runs else None
+            if last is not None and last.s1 == s and off == offs[s - 1] + ranks[s - 1] * d_in:
+                runs[-1] = ShrinkRun(last.s0, s + 1, last.offset, last.ranks + (r,))
+            else:
+                runs.append(ShrinkRun(s, s + 1, off, (r,)))
+        out.append(runs)
+    return out
+
+
+def _expand_plan(plan: RowPlan, tables: tuple[Tensor, ...]) -> list[list[tuple[int, int, int, int, int]]]:
+    """Per class, (slice, B offset, rank, first output column, columns) of slices that write."""
+    return [[(s, off, r, o, n) for s, (off, r, o, n) in enumerate(zip(*meta)) if r > 0 and n > 0]
+            for meta in _slot_meta(plan, tables)]
 
 
 def _product(left: Tensor, right: Tensor, c: ClassPlan) -> Tensor:
@@ -279,10 +313,6 @@ def _product(left: Tensor, right: Tensor, c: ClassPlan) -> Tensor:
         return left @ right[0].T  # (T_c, n)
     if c.strategy == "padded":
         U, k = len(c.slots), left.shape[1]
-        if c.uniform and c.busiest == 1 and k < right.shape[1]:
-            # one row per slot, a wide factor (expand): as GEMVs of the factor in its own row-major
-            # order, which MKL's batched path runs ~1.5x faster than the transposed form
-            return torch.bmm(right, left.unsqueeze(2)).squeeze(2)  # (U_c, n)
         if c.uniform:  # rows sorted by slot, m_c each: already (U_c, m_c, k)
             return torch.bmm(left.reshape(U, c.busiest, k), right.transpose(1, 2)).reshape(-1, right.shape[1])
         padded = left.new_zeros(U, c.busiest, k)  # (U_c, m_c, k)
@@ -302,28 +332,28 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
     if not plan.classes:
         return torch.zeros(T, n_slices, max_rank, dtype=torch.float32, device=x.device)
     bufs = _class_buffers(pool, page_table, plan, cache)
-    metas = _slot_meta(plan, (a_offset, rank), cache)
+    specs = _cached(cache, ("shrink", id(plan), id(a_offset), id(rank), d_in),
+                    lambda: _shrink_plan(plan, a_offset, rank, d_in))
     xs = plan.take(x).float()  # (Ta, d_in)
-    if plan.identity and len(plan.classes) == 1:  # one class, every row: h may be the product itself
-        offs, ranks = metas[0]
-        runs = _runs_of_slices(offs, ranks, d_in)
-        if len(runs) == 1 and runs[0][:2] == (0, n_slices) and all(r == max_rank for r in ranks):
-            c, off = plan.classes[0], runs[0][2]
-            A = bufs[0][:, off:off + n_slices * max_rank * d_in].view(len(c.slots), -1, d_in)
-            return _product(xs, A, c).view(T, n_slices, max_rank)
+    if plan.identity and len(plan.classes) == 1 and len(specs[0]) == 1:
+        run = specs[0][0]
+        if (run.s0, run.s1) == (0, n_slices) and all(r == max_rank for r in run.ranks):
+            # one class, every row, every slice at full width: h is the product itself
+            A = bufs[0][:, run.offset:run.offset + n_slices * max_rank * d_in].view(-1, n_slices * max_rank, d_in)
+            return _product(xs, A, plan.classes[0]).view(T, n_slices, max_rank)
     h = torch.zeros(T, n_slices, max_rank, dtype=torch.float32, device=x.device)
     hs = h if plan.identity else torch.zeros(len(plan.rows), n_slices, max_rank, dtype=torch.float32,
                                               device=x.device)
-    for c, buf, (offs, ranks) in zip(plan.classes, bufs, metas):
+    for c, buf, runs in zip(plan.classes, bufs, specs):
         xc = xs[c.r0:c.r1]
-        for s0, s1, off in _runs_of_slices(offs, ranks, d_in):
-            width = sum(ranks[s0:s1])
-            A = buf[:, off:off + width * d_in].view(len(c.slots), width, d_in)  # (U_c, width, d_in), a view
+        for run in runs:
+            width = sum(run.ranks)
+            A = buf[:, run.offset:run.offset + width * d_in].view(-1, width, d_in)  # (U_c, width, d_in), a view
             prod = _product(xc, A, c)  # (T_c, width): slices s0..s1-1 side by side
             at = 0
-            for s in range(s0, s1):
-                hs[c.r0:c.r1, s, :ranks[s]] = prod[:, at:at + ranks[s]]
-                at += ranks[s]
+            for s, r in zip(range(run.s0, run.s1), run.ranks):
+                hs[c.r0:c.r1, s, :r] = prod[:, at:at + r]
+                at += r
     if not plan.identity:
         h[plan.rows] = hs
     return h
@@ -332,30 +362,30 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
 def lora_expand_torch(h: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, b_offset: Tensor, rank: Tensor,
                       out_start: Tensor, out_len: Tensor, scale: Tensor, y: Tensor,
                       cache: StepCache | None = None) -> Tensor:
-    plan = _plan(idx, page_table, (b_offset, rank, out_start, out_len), cache)
+    meta = (b_offset, rank, out_start, out_len)
+    plan = _plan(idx, page_table, meta, cache)
     if not plan.classes:
         return y
     bufs = _class_buffers(pool, page_table, plan, cache)
-    metas = _slot_meta(plan, (b_offset, rank, out_start, out_len), cache)
+    specs = _cached(cache, ("expand", id(plan), *map(id, meta)), lambda: _expand_plan(plan, meta))
     hs = plan.take(h)  # (Ta, n_slices, R)
     # float32 y in plan order is updated in place: the same sums as the reference's y.float() + delta
     in_place = plan.identity and y.dtype == torch.float32
     ys = y if in_place else plan.take(y).float()  # (Ta, d_out)
-    for ci, (c, buf, (offs, ranks, starts, lens)) in enumerate(zip(plan.classes, bufs, metas)):
+    for ci, (c, buf, slices) in enumerate(zip(plan.classes, bufs, specs)):
+        yc = ys if len(plan.classes) == 1 else ys[c.r0:c.r1]
         if c.strategy == "matmul":  # one slot: its scale is one number
-            alpha = _cached(cache, ("scale", id(plan), ci, _ptr(scale)), lambda: float(scale[c.first_slot]))
-            hc = hs[c.r0:c.r1]
+            alpha = _cached(cache, ("scale", id(plan), ci, id(scale)), lambda: float(scale[c.first_slot]))
+            hc = hs if len(plan.classes) == 1 else hs[c.r0:c.r1]
+            for s, off, r, o, n in slices:
+                yc[:, o:o + n].addmm_(hc[:, s, :r], buf[0, off:off + n * r].view(n, r).T, alpha=alpha)
         else:
-            sc = _cached(cache, ("scales", id(plan), _ptr(scale)),
+            sc = _cached(cache, ("scales", id(plan), id(scale)),
                          lambda: scale.index_select(0, plan.slot_of_row)[:, None, None])  # (Ta, 1, 1)
             hc = hs[c.r0:c.r1] * sc[c.r0:c.r1]  # (T_c, n_slices, R) scaled per row
-        for s, (off, r, o, n) in enumerate(zip(offs, ranks, starts, lens)):
-            if r > 0 and n > 0:
-                B = buf[:, off:off + n * r].view(len(c.slots), n, r)  # (U_c, n, r), a view
-                if c.strategy == "matmul":
-                    ys[c.r0:c.r1, o:o + n].addmm_(hc[:, s, :r], B[0].T, alpha=alpha)
-                else:
-                    ys[c.r0:c.r1, o:o + n] += _product(hc[:, s, :r], B, c)
+            for s, off, r, o, n in slices:
+                B = buf[:, off:off + n * r].view(-1, n, r)  # (U_c, n, r), a view
+                yc[:, o:o + n] += _product(hc[:, s, :r], B, c)
     if not in_place:
         y[plan.rows] = ys.to(y.dtype)
     return y

@@ -84,7 +84,7 @@ def test_a_step_takes_everything_but_its_index_from_the_tables():
         LoraBatch.from_tables(tables, torch.tensor([0, tables.capacity]), pool.data)
 
 
-@pytest.mark.parametrize("pages", ["scattered", "runs"])
+@pytest.mark.parametrize("pages", ["irregular", "runs"])
 @pytest.mark.parametrize("rows,want", [
     ([0] * 8, "matmul"),                                 # one adapter, every row: h is the product itself
     ([0] * 7 + [-1], "matmul"),                          # one adapter
@@ -94,17 +94,21 @@ def test_a_step_takes_everything_but_its_index_from_the_tables():
 ])
 def test_torch_product_shapes_match_the_reference(rows, want, pages):
     """Six adapters of one class (rank 16): the planned shape is `want`, results are the
-    reference's, rows with no adapter are bit-identical. `runs`: the adapters' pages lie back
-    to back, read in place as one strided view; `scattered`: KV blocks between them, gathered."""
+    reference's, rows with no adapter are bit-identical. `runs`: the adapters' pages lie at a
+    regular stride (KV blocks taken between loads come from the other end of the pool), read in
+    place as one strided view; `irregular`: adapters of another rank between some of them, so
+    the six's pages are gathered."""
     pool, tables = make_pool(3000)
     pool.allocate_kv("filler", BLOCK * 7)
     for i in range(6):
         meta, shard = make_shard(16, seed=i, tp_rank=1)
         pool.load_adapter(f"a{i}", shard, meta)
-        if pages == "scattered":
-            pool.allocate_kv(f"gap{i}", BLOCK * (i + 1))  # pages of one adapter are not one run
-    idx = torch.tensor(rows, dtype=torch.int32)
-    used = idx[idx >= 0]
+        pool.allocate_kv(f"gap{i}", BLOCK * (i + 1))
+        if pages == "irregular" and i in (1, 3):
+            other_meta, other_shard = make_shard(8, seed=10 + i, tp_rank=1)
+            pool.load_adapter(f"other{i}", other_shard, other_meta)
+    idx = torch.tensor([pool.adapter(f"a{r}").slot if r >= 0 else -1 for r in rows], dtype=torch.int32)
+    used = torch.tensor([r for r in rows if r >= 0])
     counts = torch.bincount(used)
     assert strategy(len(used), int((counts > 0).sum()), int(counts.max())) == want
     batch = LoraBatch.from_tables(tables, idx, pool.data)

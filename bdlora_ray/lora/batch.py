@@ -61,6 +61,7 @@ class LoraBatch:
     pool: Tensor                 # (num_layers, num_pages, P): this rank's unified pool
     groups: dict[str, GroupMeta]
     segments: Any = None         # kernels.plan_segments: what every layer's kernels share this step
+    backend: str | None = None   # the kernel backend every layer's calls run, resolved once per step
 
     @classmethod
     def from_tables(cls, tables: SlotTables, idx: Tensor, pool: Tensor) -> "LoraBatch":
@@ -78,9 +79,11 @@ class LoraBatch:
             slora_rows = t.slora[idx_dev.long()]  # (T,) gather on the device; -1 reads entry C (False)
             groups[name] = GroupMeta(t.a_offset, t.rank_a, t.b_offset, t.rank_b, t.out_start, t.out_len,
                                      slora_rows, bool(any_slora[gi]), int(widths[gi]))
-        segments = kernels.plan_segments(idx_dev, tables.capacity, slot_class=tables.class_host,
-                                         slot_pages=tables.pages_host, workspace=tables.workspace)
-        return cls(idx_dev, tables.page_table, tables.scale, pool, groups, segments)
+        backend = kernels.resolve_backend(None, idx_dev)
+        segments = kernels.plan_segments(idx_dev, tables.capacity, backend, slot_class=tables.class_host,
+                                         slot_pages=tables.pages_host, workspace=tables.workspace,
+                                         slot_first=tables.first_host)
+        return cls(idx_dev, tables.page_table, tables.scale, pool, groups, segments, backend)
 
     @classmethod
     def build(cls, slots: list[AdapterSlot], idx: Tensor, pool: Tensor, cfg: LlamaConfig,

@@ -101,6 +101,7 @@ class SlotTables:
         # page ids and scale) and its page count; the torch kernels share one gather per class.
         self.class_host = torch.zeros(0, dtype=torch.int64)
         self.pages_host = torch.zeros(0, dtype=torch.int64)
+        self.first_host = torch.zeros(0, dtype=torch.int64)  # (C,) its first page id: the kernels' slot order
         self._classes: dict[tuple, int] = {}  # layout signature -> class id, never reused
         self.workspace = kernels.Workspace()  # the torch kernels' page gathers, reused by every step
         self._grow(capacity, max_pages)
@@ -130,6 +131,7 @@ class SlotTables:
         self.slora_host = grown(self.slora_host, (capacity + 1, len(GROUPS)), C)
         self.class_host = grown(self.class_host, (capacity,), C)
         self.pages_host = grown(self.pages_host, (capacity,), C)
+        self.first_host = grown(self.first_host, (capacity,), C)
         self.capacity = capacity
         if C:
             log.debug("slot tables grown to %d slots x %d pages", capacity, max_pages)
@@ -146,6 +148,7 @@ class SlotTables:
         signature = (layout.segments, tuple(meta.target_mode(t) for t in layout.targets))
         self.class_host[slot] = self._classes.setdefault(signature, len(self._classes))
         self.pages_host[slot] = n
+        self.first_host[slot] = int(pages[0]) if n else 0
         for gi, (group, (row, slora)) in enumerate(slot_rows(meta, layout, self.cfg, self.tp_rank, self.tp).items()):
             table = self.groups[group]
             for f in _INT_FIELDS:
