@@ -35,7 +35,7 @@ from its own metadata (same results).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -48,11 +48,19 @@ PADDED_MAX_WASTE = 2.0
 
 
 class Workspace:
-    """Memory for the per-layer page gathers, kept across layers and steps: a fresh multi-MB
-    tensor per layer costs page faults comparable to the copy itself."""
+    """What the torch path keeps across steps, for one set of slot tables: memory for the
+    per-layer page gathers (a fresh multi-MB tensor per layer costs page faults comparable to
+    the copy itself), and per layout class and table, the host form of the class's metadata
+    (`specs`; a class's metadata never changes, so it is read from the device once). The
+    tables' owner calls `forget` when it replaces them."""
 
     def __init__(self) -> None:
         self._flat = torch.empty(0)
+        self.specs: dict[tuple, Any] = {}
+
+    def forget(self) -> None:
+        """Drop the specs: the tables they were read from are gone (keys hold their ids)."""
+        self.specs.clear()
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         if self._flat.numel() < numel or self._flat.dtype != dtype or self._flat.device != device:
@@ -104,6 +112,7 @@ class ClassPlan:
 
     r0: int            # first sorted row of the class
     r1: int            # one past its last
+    cls: int | None    # the caller's class id (None: classes derived from this call's metadata)
     slots: Tensor      # (U_c,) int64 distinct slots, in the order the rows are sorted
     first_slot: int    # slots[0]: every slot of the class has its metadata
     inv: Tensor        # (T_c,) int64 each row's index into slots
@@ -159,7 +168,7 @@ def _row_plan(idx: Tensor, slot_class: Tensor, slot_pages: Tensor, slot_first: T
     if Ta == T and i.min() == i.max():  # every row on one slot: nothing to sort
         s = int(i[0])
         rows = torch.arange(T, device=dev)
-        c = ClassPlan(0, T, tensor(i[:1]), s, torch.zeros(T, dtype=torch.int64, device=dev), rows, T,
+        c = ClassPlan(0, T, int(cls_of[s]), tensor(i[:1]), s, torch.zeros(T, dtype=torch.int64, device=dev), rows, T,
                       int(pages_of[s]), "matmul")
         return RowPlan(rows, tensor(i), (c,), identity=True)
     slot = i[act]
@@ -182,7 +191,7 @@ def _row_plan(idx: Tensor, slot_class: Tensor, slot_pages: Tensor, slot_first: T
     for u0, u1 in zip(u_bounds[:-1], u_bounds[1:]):
         r0, r1 = starts_l[u0], starts_l[u1]
         busiest = max(counts_l[u0:u1])
-        classes.append(ClassPlan(r0, r1, tensor(uniq[u0:u1]), int(uniq[u0]), tensor(u_id[r0:r1] - u0),
+        classes.append(ClassPlan(r0, r1, int(ucls[u0]), tensor(uniq[u0:u1]), int(uniq[u0]), tensor(u_id[r0:r1] - u0),
                                  tensor(pos[r0:r1]), busiest, int(pages_of[uniq[u0]]),
                                  strategy(r1 - r0, u1 - u0, busiest)))
     identity = Ta == T and bool((rows == np.arange(T)).all())
@@ -204,7 +213,11 @@ def _plan(idx: Tensor, page_table: Tensor, meta: tuple[Tensor, ...], cache: Step
         pages = cache.slot_pages if cache is not None and cache.slot_pages is not None else None
         if pages is None:
             pages = torch.full((S,), page_table.shape[1], dtype=torch.int64)
-        return _row_plan(idx, slot_class.cpu(), pages.cpu(), cache.slot_first if given else None)
+        plan = _row_plan(idx, slot_class.cpu(), pages.cpu(), cache.slot_first if given else None)
+        if not given:  # per-call classes: no ids that would mean the same in another call
+            plan = RowPlan(plan.rows, plan.slot_of_row, tuple(replace(c, cls=None) for c in plan.classes),
+                           plan.identity)
+        return plan
 
     if cache is None:
         return make()
@@ -268,10 +281,25 @@ def _class_buffers(pool: Tensor, page_table: Tensor, plan: RowPlan, cache: StepC
     return cache.latest("buffers", (pool.data_ptr(), id(plan)), make)
 
 
-def _slot_meta(plan: RowPlan, tables: tuple[Tensor, ...]) -> list[list[list[int]]]:
-    """Per class, its metadata rows (every slot's are the same): one list per table."""
-    slots = torch.tensor([c.first_slot for c in plan.classes], device=tables[0].device)
-    return [list(rows) for rows in zip(*(t.index_select(0, slots).tolist() for t in tables))]
+def _class_specs(kind: str, plan: RowPlan, tables: tuple[Tensor, ...], extra: Any, cache: StepCache | None,
+                 build: Callable[[list[list[int]]], Any]) -> list[Any]:
+    """Per class, `build` of its metadata rows (one list per table; every slot of a class has the
+    same). Kept per step in the cache, and per class in the workspace across steps, so that the
+    tables are read back only when a new class appears."""
+    def make() -> list[Any]:
+        store = cache.workspace.specs if cache is not None and cache.workspace is not None else None
+        out = []
+        for c in plan.classes:
+            key = (kind, c.cls, *map(id, tables), extra)
+            spec = store.get(key) if store is not None and c.cls is not None else None
+            if spec is None:
+                spec = build([t[c.first_slot].tolist() for t in tables])
+                if store is not None and c.cls is not None:
+                    store[key] = spec
+            out.append(spec)
+        return out
+
+    return _cached(cache, (kind, id(plan), *map(id, tables), extra), make)
 
 
 @dataclass(frozen=True)
@@ -284,27 +312,24 @@ class ShrinkRun:
     ranks: tuple[int, ...]  # of slices s0..s1-1, all > 0
 
 
-def _shrink_plan(plan: RowPlan, a_offset: Tensor, rank: Tensor, d_in: int) -> list[list[ShrinkRun]]:
-    """Per class, its slices with rank > 0 grouped into runs of adjacent A factors."""
-    out = []
-    for offs, ranks in _slot_meta(plan, (a_offset, rank)):
-        runs: list[ShrinkRun] = []
-        for s, (off, r) in enumerate(zip(offs, ranks)):
-            if r == 0:
-                continue
-            last = runs[-1] if runs else None
-            if last is not None and last.s1 == s and off == offs[s - 1] + ranks[s - 1] * d_in:
-                runs[-1] = ShrinkRun(last.s0, s + 1, last.offset, last.ranks + (r,))
-            else:
-                runs.append(ShrinkRun(s, s + 1, off, (r,)))
-        out.append(runs)
-    return out
+def _shrink_runs(meta: list[list[int]], d_in: int) -> list[ShrinkRun]:
+    """A class's slices with rank > 0 grouped into runs of adjacent A factors."""
+    offs, ranks = meta
+    runs: list[ShrinkRun] = []
+    for s, (off, r) in enumerate(zip(offs, ranks)):
+        if r == 0:
+            continue
+        last = runs[-1] if runs else None
+        if last is not None and last.s1 == s and off == offs[s - 1] + ranks[s - 1] * d_in:
+            runs[-1] = ShrinkRun(last.s0, s + 1, last.offset, last.ranks + (r,))
+        else:
+            runs.append(ShrinkRun(s, s + 1, off, (r,)))
+    return runs
 
 
-def _expand_plan(plan: RowPlan, tables: tuple[Tensor, ...]) -> list[list[tuple[int, int, int, int, int]]]:
-    """Per class, (slice, B offset, rank, first output column, columns) of slices that write."""
-    return [[(s, off, r, o, n) for s, (off, r, o, n) in enumerate(zip(*meta)) if r > 0 and n > 0]
-            for meta in _slot_meta(plan, tables)]
+def _expand_slices(meta: list[list[int]]) -> list[tuple[int, int, int, int, int]]:
+    """A class's (slice, B offset, rank, first output column, columns) of slices that write."""
+    return [(s, off, r, o, n) for s, (off, r, o, n) in enumerate(zip(*meta)) if r > 0 and n > 0]
 
 
 def _product(left: Tensor, right: Tensor, c: ClassPlan) -> Tensor:
@@ -332,8 +357,7 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
     if not plan.classes:
         return torch.zeros(T, n_slices, max_rank, dtype=torch.float32, device=x.device)
     bufs = _class_buffers(pool, page_table, plan, cache)
-    specs = _cached(cache, ("shrink", id(plan), id(a_offset), id(rank), d_in),
-                    lambda: _shrink_plan(plan, a_offset, rank, d_in))
+    specs = _class_specs("shrink", plan, (a_offset, rank), d_in, cache, lambda m: _shrink_runs(m, d_in))
     xs = plan.take(x).float()  # (Ta, d_in)
     if plan.identity and len(plan.classes) == 1 and len(specs[0]) == 1:
         run = specs[0][0]
@@ -367,25 +391,34 @@ def lora_expand_torch(h: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
     if not plan.classes:
         return y
     bufs = _class_buffers(pool, page_table, plan, cache)
-    specs = _cached(cache, ("expand", id(plan), *map(id, meta)), lambda: _expand_plan(plan, meta))
+    specs = _class_specs("expand", plan, meta, None, cache, _expand_slices)
     hs = plan.take(h)  # (Ta, n_slices, R)
-    # float32 y in plan order is updated in place: the same sums as the reference's y.float() + delta
-    in_place = plan.identity and y.dtype == torch.float32
-    ys = y if in_place else plan.take(y).float()  # (Ta, d_out)
+    # float32 y is updated where it is (rows in plan order in place, others by index_add_, each row
+    # once): the same sums as the reference's y.float() + delta; other dtypes via a float32 copy
+    direct = y.dtype == torch.float32
+    ys = y if direct else plan.take(y).float()  # (Ta or T, d_out)
     for ci, (c, buf, slices) in enumerate(zip(plan.classes, bufs, specs)):
-        yc = ys if len(plan.classes) == 1 else ys[c.r0:c.r1]
+        rows = plan.rows[c.r0:c.r1] if direct and not plan.identity else None  # (T_c,) rows of y
+        yc = ys if rows is not None or len(plan.classes) == 1 else ys[c.r0:c.r1]
         if c.strategy == "matmul":  # one slot: its scale is one number
             alpha = _cached(cache, ("scale", id(plan), ci, id(scale)), lambda: float(scale[c.first_slot]))
             hc = hs if len(plan.classes) == 1 else hs[c.r0:c.r1]
             for s, off, r, o, n in slices:
-                yc[:, o:o + n].addmm_(hc[:, s, :r], buf[0, off:off + n * r].view(n, r).T, alpha=alpha)
+                B = buf[0, off:off + n * r].view(n, r)  # (n, r), a view
+                if rows is None:
+                    yc[:, o:o + n].addmm_(hc[:, s, :r], B.T, alpha=alpha)
+                else:
+                    yc[:, o:o + n].index_add_(0, rows, hc[:, s, :r] @ B.T, alpha=alpha)
         else:
             sc = _cached(cache, ("scales", id(plan), id(scale)),
                          lambda: scale.index_select(0, plan.slot_of_row)[:, None, None])  # (Ta, 1, 1)
             hc = hs[c.r0:c.r1] * sc[c.r0:c.r1]  # (T_c, n_slices, R) scaled per row
             for s, off, r, o, n in slices:
                 B = buf[:, off:off + n * r].view(-1, n, r)  # (U_c, n, r), a view
-                yc[:, o:o + n] += _product(hc[:, s, :r], B, c)
-    if not in_place:
+                if rows is None:
+                    yc[:, o:o + n] += _product(hc[:, s, :r], B, c)
+                else:
+                    yc[:, o:o + n].index_add_(0, rows, _product(hc[:, s, :r], B, c))
+    if not direct:
         y[plan.rows] = ys.to(y.dtype)
     return y

@@ -103,7 +103,7 @@ class SlotTables:
         self.pages_host = torch.zeros(0, dtype=torch.int64)
         self.first_host = torch.zeros(0, dtype=torch.int64)  # (C,) its first page id: the kernels' slot order
         self._classes: dict[tuple, int] = {}  # layout signature -> class id, never reused
-        self.workspace = kernels.Workspace()  # the torch kernels' page gathers, reused by every step
+        self.workspace = kernels.Workspace()  # the torch kernels' page gathers and class specs, across steps
         self._grow(capacity, max_pages)
 
     # ---- writes: once per adapter load / eviction ------------------------------
@@ -133,6 +133,7 @@ class SlotTables:
         self.pages_host = grown(self.pages_host, (capacity,), C)
         self.first_host = grown(self.first_host, (capacity,), C)
         self.capacity = capacity
+        self.workspace.forget()  # its specs name the old tables
         if C:
             log.debug("slot tables grown to %d slots x %d pages", capacity, max_pages)
 
