@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -33,6 +33,7 @@ from bdlora_ray.worker import TPWorker
 log = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY_S = 0.05  # while busy; every turn that finishes a request or goes idle publishes too
+TIMELINE_STEPS = 4096    # forward steps the timeline keeps (a ring: the newest)
 
 Sink = Callable[[RequestOutput], None]
 Deliver = Callable[[list[tuple[Sink, RequestOutput]]], None]
@@ -75,6 +76,12 @@ class Engine:
         self._compile_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         self._compiling: list[tuple[GenerationRequest, Sink, Future]] = []
         self.steps = 0
+        # One record per forward step, for profiling the serving path (`timeline()`): (start of the loop
+        # turn, start of the forward pass, end of the turn (outputs handed over), rows, tokens fed in,
+        # prefill rows), monotonic seconds. Appended by the loop thread only.
+        self._timeline: deque[tuple[float, float, float, int, int, int]] = deque(maxlen=TIMELINE_STEPS)
+        self._turn: tuple = ()
+        self._submitted: deque[float] = deque(maxlen=TIMELINE_STEPS)  # when each request was submitted
         self.per_adapter: Counter[str] = Counter()
         self.dead: BaseException | None = None
         self._stop = False
@@ -110,6 +117,7 @@ class Engine:
         if len(self.scheduler.waiting) + self._inbox.qsize() >= self.config.max_queue_len:
             self.counters["rejected_overload"] += 1
             raise Overloaded(f"queue full ({self.config.max_queue_len} waiting)")
+        self._submitted.append(time.monotonic())
         self._inbox.put(("submit", req, sink, grammar))
         self._wake.set()
         if self.dead is not None:  # died meanwhile: the loop will not drain the inbox again
@@ -136,6 +144,14 @@ class Engine:
     def stats(self) -> dict:
         """The loop's latest published snapshot (safe from any thread)."""
         return self._snapshot
+
+    def timeline(self, since: float = 0.0) -> dict[str, list]:
+        """What happened after `since` (monotonic s, comparable across processes of one machine):
+        "steps", the forward steps, oldest first, each (turn start, forward start, turn end, rows,
+        tokens fed in, prefill rows); "submitted", when each request was submitted. Copies: the
+        deques are appended to by other threads, and copying one is atomic under the GIL."""
+        return {"steps": [r for r in tuple(self._timeline) if r[0] > since],
+                "submitted": [t for t in tuple(self._submitted) if t > since]}
 
     # ---- snapshot (loop thread) -----------------------------------------------------
 
@@ -203,10 +219,14 @@ class Engine:
 
     def step(self) -> bool:
         """Drain the inbox, run at most one forward pass, send the outputs; True if anything happened."""
+        begin = time.monotonic()
+        self._turn = ()
         try:
             busy = self._step()
         finally:
             self._flush(force_publish=False)
+        if self._turn:
+            self._timeline.append((begin, *self._turn[:1], time.monotonic(), *self._turn[1:]))
         if not busy:
             self.publish()  # idle: what other threads read is exact
         return busy
@@ -229,6 +249,8 @@ class Engine:
             return busy
         msg = [[s.seq_id, s.adapter, start, s.tokens[start:start + n]]
                for s, start, n in zip(sched.seqs, sched.starts, sched.counts)]
+        self._turn = (time.monotonic(), len(msg), sum(sched.counts),
+                      sum(1 for s, start in zip(sched.seqs, sched.starts) if start < s.num_prompt))
         self._send(msg)
         logits = self.worker.execute(msg)
         self.steps += 1
