@@ -161,17 +161,22 @@ class _Stream:
     """One request's outputs on its way from the engine thread to the coroutine reading them.
 
     The engine hands a whole step's outputs over in one wake-up of the reader's event loop; what
-    arrives while the reader is busy is read as one merged event (as vLLM's output collector does)."""
+    arrives while the reader is busy is read as one merged event (as vLLM's output collector does).
+    A request that is not streamed (`whole`) wakes its reader twice: at its first event, then at its
+    last, with the events between held on the engine thread and merged into it."""
 
-    __slots__ = ("loop", "pending", "ready")
+    __slots__ = ("loop", "pending", "ready", "whole", "started", "held")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, whole: bool = False) -> None:
         self.loop = loop
         self.pending: list[RequestOutput] = []
         self.ready = asyncio.Event()
+        self.whole = whole
+        self.started = False                 # engine thread only: its first event has gone out
+        self.held: list[RequestOutput] = []  # engine thread only: events not handed over yet
 
-    def put(self, out: RequestOutput) -> None:  # on self.loop
-        self.pending.append(out)
+    def put(self, outs: list[RequestOutput]) -> None:  # on self.loop
+        self.pending.extend(outs)
         self.ready.set()
 
     async def get(self) -> RequestOutput:
@@ -182,9 +187,9 @@ class _Stream:
         return merge_outputs(outs)
 
 
-def _dispatch(items: list[tuple[_Stream, RequestOutput]]) -> None:
-    for stream, out in items:
-        stream.put(out)
+def _dispatch(items: list[tuple[_Stream, list[RequestOutput]]]) -> None:
+    for stream, outs in items:
+        stream.put(outs)
 
 
 class EngineGroup:
@@ -257,10 +262,18 @@ class EngineGroup:
     # ---- engine thread ---------------------------------------------------------------
 
     def _deliver(self, batch: list[tuple[Any, RequestOutput]]) -> None:
-        """A step's outputs: one hand-over per event loop that has readers in the batch."""
+        """A step's outputs: one hand-over per event loop that has readers to wake in the batch (a
+        request that is not streamed is held here between its first event and its last)."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for stream, out in batch:
-            by_loop.setdefault(stream.loop, []).append((stream, out))
+            if stream.whole and stream.started and not out.finished:
+                stream.held.append(out)
+                continue
+            outs = [out]
+            if stream.held:
+                outs, stream.held = [*stream.held, out], []
+            stream.started = True
+            by_loop.setdefault(stream.loop, []).append((stream, outs))
         for loop, items in by_loop.items():
             self.deliveries += 1
             try:
@@ -347,7 +360,7 @@ class EngineGroup:
         """The request's events, merged while the reader is busy; typed errors before the first."""
         if req.adapter is not None:
             check_name(req.adapter)
-        stream = _Stream(asyncio.get_running_loop())
+        stream = _Stream(asyncio.get_running_loop(), whole=not req.stream)
         self.engine.submit(req, stream)
         done = started = False
         try:
@@ -395,6 +408,10 @@ class EngineGroup:
         s["workers"] = self.worker_info
         s["deliveries"] = self.deliveries
         return s
+
+    async def timeline(self, since: float = 0.0) -> dict[str, list]:
+        """The engine's step timeline after `since` (see Engine.timeline), for profiling the serving path."""
+        return self.engine.timeline(since)
 
     async def worker_call_counts(self) -> list[dict[str, int]]:
         """Ray calls that reached each TP rank > 0 (rank 0 runs here: nothing calls it over Ray)."""

@@ -93,6 +93,9 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]     # tokenized prompt (the serving layer tokenizes)
     adapter: str | None             # adapter name, None = base model
     params: SamplingParams = field(default_factory=SamplingParams)
+    # False: the reader wants the whole output, not its steps; a group then wakes it for the first
+    # event (errors, adapter affinity) and the last (every event since merged into it) only.
+    stream: bool = True
 
 
 @dataclass(frozen=True)

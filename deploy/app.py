@@ -78,6 +78,14 @@ class EngineGroupDeployment:
         except BdloraError as e:
             yield ErrorInfo.of(e)
 
+    async def complete(self, inp: PromptInput) -> RequestOutput | ErrorInfo:
+        """A request that is not streamed (`inp.stream` False): its whole output in one answer."""
+        try:
+            outs = [out async for out in self.server.generate(inp)]  # one event: the whole output
+        except BdloraError as e:
+            return ErrorInfo.of(e)
+        return outs[-1]
+
     async def load_adapter(self, name: str) -> ErrorInfo | None:
         return await _as_data(self.server.load_adapter(name))
 
@@ -94,6 +102,10 @@ class EngineGroupDeployment:
     async def pool_usage(self) -> list[dict] | ErrorInfo:
         """Every TP rank's page-pool usage (rank order)."""
         return await _as_data(self.server.pool_usage())
+
+    async def timeline(self, since: float = 0.0) -> dict[str, list]:
+        """The engine's step timeline (bdlora_ray.engine.Engine.timeline), for profiling."""
+        return await self.group.timeline(since)
 
     async def check_health(self) -> None:
         """Serve's periodic health check (and /health): raises if the group broke (a TP worker died);

@@ -123,6 +123,9 @@ class ServeRouter:
         self.timeout_s = timeout_s  # control-plane calls (admin, stats, health)
 
     async def generate(self, inp: PromptInput) -> AsyncGenerator[RequestOutput, None]:
+        if not inp.stream:
+            yield await self._complete(inp)
+            return
         handle = self.groups.options(stream=True, multiplexed_model_id=inp.adapter or "")
         events = handle.generate.remote(inp)
         finished = False
@@ -138,6 +141,18 @@ class ServeRouter:
             if not finished:
                 # Cancelling the call cancels the replica's generator, which aborts the request.
                 events.cancel()
+
+    async def _complete(self, inp: PromptInput) -> RequestOutput:
+        """A request that is not streamed: one plain call whose answer is its whole output (a stream of
+        one item would cost the ingress and the replica a Serve streaming call each)."""
+        response = self.groups.options(multiplexed_model_id=inp.adapter or "").complete.remote(inp)
+        try:
+            return _check(await response)
+        except _REPLICA_GONE as e:
+            raise ReplicaGroupFailed(f"the replica group died: {type(e).__name__}") from None
+        except asyncio.CancelledError:
+            response.cancel()  # the replica's call is cancelled, which aborts the request
+            raise
 
     async def _call(self, method: str, *args: Any, adapter: str = "") -> Any:
         handle = self.groups.options(multiplexed_model_id=adapter) if adapter else self.groups

@@ -695,6 +695,40 @@ def test_served_stream_is_aborted_when_the_client_disconnects(served):
                 60, "the abort")
 
 
+@pytest.mark.slow
+def test_served_whole_request_is_aborted_when_the_client_disconnects(served):
+    """A request that is not streamed travels as one plain call to its group (no stream of one item):
+    a client that leaves before its answer cancels that call, which aborts the request."""
+    url, groups = served.url, served.groups
+    model, n = ("slow", 10) if served.kind == "fake" else (BASE, 120)
+
+    def aborts() -> int:
+        return sum(s["counters"].get("finished_abort", 0) for s in _group_stats(groups).values())
+
+    def running() -> int:
+        return sum(s.get("running", 0) for s in _group_stats(groups).values())
+
+    def started() -> int:  # requests the groups have begun to run for `model`
+        key = "" if model == BASE else model
+        return sum(s["requests_per_adapter"].get(key, 0) for s in _group_stats(groups).values())
+
+    async def leave_once_running(begun: int) -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            call = asyncio.create_task(client.post(f"{url}/v1/completions", json={
+                "model": model, "prompt": "x", "max_tokens": n, "ignore_eos": True}))
+            while not call.done() and await asyncio.to_thread(started) == begun:
+                await asyncio.sleep(0.02)
+            assert not call.done(), "the request ended before the client could leave"
+            call.cancel()  # the client gives up: its connection closes
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    before = aborts()
+    asyncio.run(leave_once_running(started()))
+    wait_until(lambda: aborts() == before + 1, 60, "the abort")
+    wait_until(lambda: running() == 0 or served.kind == "fake", 60, "its batch slot and pages freed")
+
+
 def test_sse_events_survive_readers_that_split_lines_like_str_splitlines():
     # httpx's iter_lines splits at U+0085, U+2028 and U+2029 too; JSON leaves them raw.
     text = "a\u2028b\x85c\u2029d\r\ne\n\x1cf"

@@ -4,6 +4,8 @@ against HF + PEFT; cancellation; no Ray call per decode step."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 
 import pytest
 import ray
@@ -130,6 +132,7 @@ def test_16_streams_over_100_steps_one_message_per_request_per_step_no_ray_call_
     async def go():
         before_calls = await group.worker_call_counts()
         before = await group.stats()
+        since = time.monotonic()
         reqs = [greedy(f"s{i}", [11 + i, 12, 13], SPECS[i][0], n=n_tok, ignore_eos=True) for i in range(n_req)]
 
         async def events(r):
@@ -138,10 +141,15 @@ def test_16_streams_over_100_steps_one_message_per_request_per_step_no_ray_call_
         evs = await asyncio.gather(*[events(r) for r in reqs])
         after = await group.stats()
         after_calls = await group.worker_call_counts()
-        return evs, before, after, before_calls, after_calls
+        return evs, before, after, before_calls, after_calls, await group.timeline(since)
 
-    evs, before, after, before_calls, after_calls = asyncio.run(go())
+    evs, before, after, before_calls, after_calls, timeline = asyncio.run(go())
     steps = after["steps"] - before["steps"]
+    # The step timeline saw every forward step and every submission, in order, at most 16 rows each.
+    assert len(timeline["steps"]) == steps and len(timeline["submitted"]) == n_req
+    assert all(begin <= fwd <= end and 1 <= rows <= n_req and rows <= tokens
+               for begin, fwd, end, rows, tokens, _ in timeline["steps"])
+    assert sum(r[5] for r in timeline["steps"]) >= n_req  # each request's prompt was fed in
     assert steps >= 100 and after["channel_messages"] - before["channel_messages"] >= steps
     for e in evs:
         assert sum(len(o.token_ids) for o in e) == n_tok and e[-1].finish_reason == "length"
@@ -152,6 +160,22 @@ def test_16_streams_over_100_steps_one_message_per_request_per_step_no_ray_call_
     # Rank 1 follows over torch.distributed: only this test's own count query reached it (the adapters
     # were fetched by earlier tests of this module).
     assert diff == [{"call_counts": 1}], diff
+
+
+def test_a_request_that_is_not_streamed_wakes_its_reader_at_its_first_and_last_event(served):
+    group, _, _ = served
+    prompt, n = [31, 32, 33], 40
+
+    async def go():
+        streamed = [out async for out in group.generate(greedy("streamed", prompt, None, n=n, ignore_eos=True))]
+        whole = [out async for out in group.generate(dataclasses.replace(
+            greedy("whole", prompt, None, n=n, ignore_eos=True), stream=False))]
+        return streamed, whole
+
+    streamed, whole = asyncio.run(go())
+    assert len(streamed) > 2 and 1 <= len(whole) <= 2 and whole[-1].finished
+    assert [t for o in whole for t in o.token_ids] == [t for o in streamed for t in o.token_ids]
+    assert "".join(o.text for o in whole) == "".join(o.text for o in streamed)
 
 
 def test_worker_killed_mid_request_ends_it_with_503_then_group_rebuilds(served):
