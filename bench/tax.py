@@ -4,8 +4,10 @@
    decode tokens/s at batch 1, 8 and 32, base model and mixed adapters.
 2. The whole system over HTTP on the same model, TP degree and adapters (`compare.local_server`: a
    Serve app exactly as `serve run deploy:app`): closed waves of B concurrent `/v1/completions` of
-   `--tokens` tokens each (greedy, EOS ignored), base and mixed adapters, streamed and not. Tokens/s
-   of a wave = its tokens / its wall time; streamed waves also give TTFT and TPOT.
+   `--tokens` tokens each (greedy, EOS ignored), base and mixed adapters, streamed and not. Each case
+   runs one untimed wave, then `--waves` timed ones, through one client whose connections stay open
+   between waves (as an OpenAI client's pool does). Tokens/s of a wave = its tokens / its wall time;
+   streamed waves also give TTFT and TPOT.
 3. During the batch-32 non-streamed waves, the CPU time of each serving process (psutil: the Serve
    proxy, the ingress replica, the group replica that runs rank 0, the rank > 0 worker actors, this
    client) per generated token.
@@ -22,6 +24,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -86,12 +89,20 @@ async def _one(client: httpx.AsyncClient, body: dict, stream: bool, t0: float) -
     return {"tokens": tokens, "first_s": first, "done_s": last}
 
 
-async def _wave(url: str, bodies: list[dict], stream: bool) -> tuple[float, list[dict]]:
+async def _waves(url: str, bodies: list[dict], stream: bool, waves: int,
+                 on_start: Callable[[], None] = lambda: None) -> list[tuple[float, list[dict]]]:
+    """A warm-up wave, `on_start()`, then `waves` timed waves, all through one client whose connections
+    stay open between waves (as a real client's pool does); [(wave wall s, per-request results)]."""
     limits = httpx.Limits(max_connections=len(bodies) + 4, max_keepalive_connections=len(bodies) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        t0 = time.perf_counter()
-        res = await asyncio.gather(*(_one(client, b, stream, t0) for b in bodies))
-        return time.perf_counter() - t0, res
+        timed = []
+        for i in range(waves + 1):
+            if i == 1:
+                on_start()
+            t0 = time.perf_counter()
+            res = await asyncio.gather(*(_one(client, b, stream, t0) for b in bodies))
+            timed.append((time.perf_counter() - t0, res))
+        return timed[1:]
 
 
 def serving_processes() -> dict[str, list]:
@@ -133,12 +144,12 @@ def over_http(args: argparse.Namespace, served: compare.Served, names: list[str]
                 bodies = [{"model": served.base_model if variant == "base" else names[i % len(names)],
                            "prompt": [5, 6, 7, 8, 9, 10, 11, 12], "max_tokens": args.tokens, "temperature": 0,
                            "ignore_eos": True} for i in range(b)]
-                asyncio.run(_wave(served.url, bodies[:min(b, 4)], stream))  # warm this path
                 measure = b == max(args.batches) and not stream
-                before = {r: _cpu_s(ps) for r, ps in procs.items()} if measure else {}
+                before: dict[str, float] = {}
+                waves = asyncio.run(_waves(served.url, bodies, stream, args.waves, lambda: before.update(
+                    {r: _cpu_s(ps) for r, ps in procs.items()} if measure else {})))
                 walls, tokens, ttft, tpot = [], 0, [], []
-                for _ in range(args.waves):
-                    wall, res = asyncio.run(_wave(served.url, bodies, stream))
+                for wall, res in waves:
                     walls.append(wall)
                     tokens += sum(x["tokens"] for x in res)
                     for x in res:
