@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import httpx
+import aiohttp
 
 from bench import compare
 from bench.engine_alone import measure as engine_alone_measure
@@ -63,17 +63,19 @@ def engine_alone(args: argparse.Namespace, model_dir: Path, peft_dirs: dict[str,
 
 # ---- 2. over HTTP ---------------------------------------------------------------------------------
 
-async def _one(client: httpx.AsyncClient, body: dict, stream: bool, t0: float) -> dict:
+async def _one(session: aiohttp.ClientSession, body: dict, stream: bool, t0: float) -> dict:
     if not stream:
-        r = await client.post("/v1/completions", json=body)
-        r.raise_for_status()
-        return {"tokens": r.json()["usage"]["completion_tokens"], "done_s": time.perf_counter() - t0}
+        async with session.post("/v1/completions", json=body) as r:
+            r.raise_for_status()
+            usage = (await r.json())["usage"]
+        return {"tokens": usage["completion_tokens"], "done_s": time.perf_counter() - t0}
     first = last = None
     tokens = 0
-    async with client.stream("POST", "/v1/completions",
-                             json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    async with session.post("/v1/completions",
+                            json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
+        async for raw in r.content:  # one line at a time
+            line = raw.decode().rstrip("\r\n")
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             ev = json.loads(line[6:])
@@ -90,18 +92,21 @@ async def _one(client: httpx.AsyncClient, body: dict, stream: bool, t0: float) -
 
 
 async def _waves(url: str, bodies: list[dict], stream: bool, waves: int,
-                 on_start: Callable[[], None] = lambda: None) -> list[tuple[float, list[dict]]]:
+                 on_start: Callable[[], None] = lambda: None) -> list[tuple[float, float, list[dict]]]:
     """A warm-up wave, `on_start()`, then `waves` timed waves, all through one client whose connections
-    stay open between waves (as a real client's pool does); [(wave wall s, per-request results)]."""
-    limits = httpx.Limits(max_connections=len(bodies) + 4, max_keepalive_connections=len(bodies) + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+    stay open between waves (as a real client's pool does); [(wave start (monotonic s), wall s, per-request
+    results)].
+    aiohttp (as vLLM's serving benchmark): the client shares this machine's cores with the server, and
+    it spends less CPU per request than httpx."""
+    async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=300),
+                                     connector=aiohttp.TCPConnector(limit=len(bodies) + 4)) as session:
         timed = []
         for i in range(waves + 1):
             if i == 1:
                 on_start()
-            t0 = time.perf_counter()
-            res = await asyncio.gather(*(_one(client, b, stream, t0) for b in bodies))
-            timed.append((time.perf_counter() - t0, res))
+            start, t0 = time.monotonic(), time.perf_counter()
+            res = await asyncio.gather(*(_one(session, b, stream, t0) for b in bodies))
+            timed.append((start, time.perf_counter() - t0, res))
         return timed[1:]
 
 
@@ -125,19 +130,41 @@ def serving_processes() -> dict[str, list]:
 
 
 def _cpu_s(procs: list) -> float:
+    """CPU seconds of `procs` so far; NaN if one has gone (Serve replaced it: no figure for that role)."""
+    import psutil
+
     total = 0.0
     for p in procs:
         try:
             t = p.cpu_times()
             total += t.user + t.system
-        except Exception:  # gone meanwhile
-            pass
+        except psutil.Error:
+            return float("nan")
     return total
 
 
-def over_http(args: argparse.Namespace, served: compare.Served, names: list[str]) -> tuple[list[dict], dict]:
-    rows, cpu = [], {}
-    procs = serving_processes()
+def _ramp(waves: list[tuple[float, float, list[dict]]]) -> dict:
+    """From the engine's step timeline (same machine: one monotonic clock), per wave: when its first and
+    last requests reached the engine, and how many forward steps it took (the tokens need `--tokens`);
+    medians over the waves."""
+    from ray import serve
+
+    timeline = serve.get_deployment_handle("EngineGroup", app_name=compare.APP_NAME).timeline.remote(
+        waves[0][0]).result()
+    first, last, steps = [], [], []
+    for start, wall, _ in waves:
+        sub = [t - start for t in timeline["submitted"] if start <= t <= start + wall]
+        first.append(1e3 * min(sub, default=float("nan")))
+        last.append(1e3 * max(sub, default=float("nan")))
+        steps.append(sum(1 for s in timeline["steps"] if start <= s[0] <= start + wall))
+    return {"first_submit_ms": percentile(first, 50), "last_submit_ms": percentile(last, 50),
+            "steps": percentile(steps, 50)}
+
+
+def over_http(args: argparse.Namespace, served: compare.Served,
+              names: list[str]) -> tuple[list[dict], dict, dict]:
+    rows, cpu, ramps = [], {}, {}
+    procs: dict[str, list] = {}
     for b in args.batches:
         for variant in ("base", "mixed"):
             for stream in (False, True):
@@ -146,10 +173,16 @@ def over_http(args: argparse.Namespace, served: compare.Served, names: list[str]
                            "ignore_eos": True} for i in range(b)]
                 measure = b == max(args.batches) and not stream
                 before: dict[str, float] = {}
-                waves = asyncio.run(_waves(served.url, bodies, stream, args.waves, lambda: before.update(
-                    {r: _cpu_s(ps) for r, ps in procs.items()} if measure else {})))
+
+                def on_start() -> None:  # the processes as they are now (Serve may have replaced one)
+                    if measure:
+                        procs.clear()
+                        procs.update(serving_processes())
+                        before.update({r: _cpu_s(ps) for r, ps in procs.items()})
+
+                waves = asyncio.run(_waves(served.url, bodies, stream, args.waves, on_start))
                 walls, tokens, ttft, tpot = [], 0, [], []
-                for wall, res in waves:
+                for _, wall, res in waves:
                     walls.append(wall)
                     tokens += sum(x["tokens"] for x in res)
                     for x in res:
@@ -159,11 +192,12 @@ def over_http(args: argparse.Namespace, served: compare.Served, names: list[str]
                                 tpot.append((x["done_s"] - x["first_s"]) / (x["tokens"] - 1))
                 if measure:
                     cpu[variant] = {r: 1e6 * (_cpu_s(ps) - before[r]) / tokens for r, ps in procs.items()}
+                    ramps[variant] = _ramp(waves)
                 rows.append({"batch": b, "variant": variant, "stream": stream, "tokens_per_s": tokens / sum(walls),
                              "ttft_ms_p50": 1e3 * percentile(ttft, 50) if ttft else None,
                              "tpot_ms_p50": 1e3 * percentile(tpot, 50) if tpot else None,
                              "tpot_ms_p90": 1e3 * percentile(tpot, 90) if tpot else None})
-    return rows, cpu
+    return rows, cpu, ramps
 
 
 # ---- the comparison -------------------------------------------------------------------------------
@@ -176,7 +210,7 @@ def run(args: argparse.Namespace) -> dict:
         server = compare.server_config(args, num_pages=2048)
         with compare.local_server(Path(d), specs, server, args.progress) as served:
             compare.warm_up(served, [a.name for a in specs], args.progress)
-            http_rows, cpu = over_http(args, served, [a.name for a in specs])
+            http_rows, cpu, ramps = over_http(args, served, [a.name for a in specs])
     engine = {(r["batch"], r["variant"]): r["tokens_per_s"] for r in engine_rows}
     for r in http_rows:
         r["engine_tokens_per_s"] = engine[(r["batch"], r["variant"])]
@@ -190,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
         "comparison": NAME, "anchor": ANCHOR,
         "config": {"tp": args.tp, "adapters": args.adapters, "rank": args.rank, "tokens": args.tokens,
                    "waves": args.waves, "batches": args.batches, "model": compare.model_info(args), "device": "cpu"},
-        "engine": engine_rows, "http": http_rows, "cpu_us_per_token": cpu,
+        "engine": engine_rows, "http": http_rows, "cpu_us_per_token": cpu, "wave_ramp": ramps,
         "ratios": {f"HTTP / engine at batch {b} (base)": ratio["base"],
                    f"HTTP / engine at batch {b} (mixed)": ratio["mixed"],
                    **({"single-request TPOT / engine batch-1 step": single["tpot_ms_p50"] / step_ms}
@@ -212,6 +246,10 @@ def report(result: dict) -> list[str]:
     if cpu:
         lines += ["", f"CPU time per generated token (us), batch {max(c['batches'])}, not streamed:", ""]
         lines += compare.markdown_table(["process", *cpu], [[role, *(cpu[v][role] for v in cpu)] for role in ROLES])
+    for variant, r in result.get("wave_ramp", {}).items():
+        lines += ["", f"batch {max(c['batches'])}, {variant}, not streamed (median wave): first request at the engine "
+                      f"+{r['first_submit_ms']:.0f} ms, last +{r['last_submit_ms']:.0f} ms; {r['steps']:.0f} forward "
+                      f"steps for {c['tokens']} tokens per request"]
     lines += [""] + [f"{k}: {v:.2f}x" for k, v in result["ratios"].items() if not k.startswith("HTTP")]
     b = max(c["batches"])
     lines.append(f"HTTP / engine at batch {b} (mixed): {result['ratios'][f'HTTP / engine at batch {b} (mixed)']:.2f}x")
