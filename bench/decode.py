@@ -23,6 +23,13 @@ alike). In a round a scenario's rate is its fastest of --windows windows of
 the two rates measured in the same round; a row's tok/s is the median of its
 rounds' rates (what the JSON's `rounds` lists).
 
+Each rate is taken twice: by the wall clock, and by CPU time, the window's
+process CPU time on its busiest rank (rank 0: the whole engine step; other
+ranks: their forward passes), as `cpu_rounds`. On a machine shared with other
+work the wall clock of a window counts the time other processes held the
+cores; the CPU time counts only this rank's own work, which is what the
+ranks' step costs when each has a core to itself. Both are reported.
+
     python -m bench decode [--tp 2] [--batch 64] [--steps 8] [--windows 2] [--rounds 5] [--rank 16] [--counts 1,4,16,64,256]
 
 On this CPU the LoRA part runs the torch kernel backend; the ratios, not the
@@ -38,12 +45,14 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import Tensor
 
 from bdlora_ray.comm import end_spawned_rank, init_distributed, leave_world
 from bdlora_ray.config import LlamaConfig
@@ -122,35 +131,70 @@ def _worker(rank: int, args: argparse.Namespace, root: str, adapters: dict, init
     pool = PoolConfig.for_model(cfg, args.tp, engine_cfg.num_pages, engine_cfg.block_size)
     source = LocalShardSource(adapters, cfg, args.tp)
     worker = TPWorker(cfg, str(Path(root) / "model"), comm, pool, source, channel)
+    step_cpu = time_steps(worker)
     if rank > 0:
         worker.serve_forever()
+        Path(f"{result}.rank{rank}").write_text(json.dumps(step_cpu))  # read by rank 0 after the barrier
         leave_world(barrier=True)
         end_spawned_rank()
     engine = Engine(worker, load_tokenizer(Path(root) / "model"), engine_cfg)
     per_layer, head = base_macs(cfg, args.tp)
     cost = AdapterCost(source)
-    rates: dict[str, list[float]] = {sc["scenario"]: [] for sc in scenarios(args)}
+    windows: dict[str, list[list[Window]]] = {sc["scenario"]: [] for sc in scenarios(args)}
     for round_ in range(args.rounds):
         order = scenarios(args) if round_ % 2 == 0 else scenarios(args)[::-1]
         for sc in order:
             if len(sc["names"]) > args.batch:
                 make_resident(engine, args, sc["names"])
-            rate = decode_rate(engine, args, spread(sc["names"], args.batch), f"{sc['scenario']} #{round_}")
-            rates[sc["scenario"]].append(rate)
+            timed = decode_windows(engine, args, spread(sc["names"], args.batch), f"{sc['scenario']} #{round_}")
+            windows[sc["scenario"]].append(timed)
+            rate = args.batch * args.steps / min(w.wall_s for w in timed)
             print(f"{sc['scenario']:<24} {rate:10.1f} tok/s", file=sys.stderr, flush=True)
+    engine.stop()  # tells rank 1 to stop
+    leave_world(barrier=True)
+    others = [json.loads(Path(f"{result}.rank{r}").read_text()) for r in range(1, args.tp)]
     rows = []
     for sc in scenarios(args):
         batch_names = spread(sc["names"], args.batch)
         lora = sum(cost(n)[1] for n in batch_names if n is not None) / args.batch
         base = cfg.num_layers * per_layer + head
-        rows.append({**{k: v for k, v in sc.items() if k != "names"}, "rounds": rates[sc["scenario"]],
-                     "tokens_per_s": statistics.median(rates[sc["scenario"]]),
+        wall = [args.batch * args.steps / min(w.wall_s for w in ws) for ws in windows[sc["scenario"]]]
+        cpu = [args.batch * args.steps / min(w.cpu_s(others) for w in ws) for ws in windows[sc["scenario"]]]
+        rows.append({**{k: v for k, v in sc.items() if k != "names"},
+                     "rounds": wall, "tokens_per_s": statistics.median(wall),
+                     "cpu_rounds": cpu, "cpu_tokens_per_s": statistics.median(cpu),
                      "ranks": sorted({cost(n)[0] for n in set(batch_names) if n is not None}),
                      "flop_bound": base / (base + cfg.num_layers * lora)})
-    engine.stop()  # tells rank 1 to stop
     Path(result).write_text(json.dumps(rows))
-    leave_world(barrier=True)
     end_spawned_rank()
+
+
+def time_steps(worker: TPWorker) -> list[float]:
+    """Record the CPU time of each step this rank runs (`TPWorker.execute`), in step order."""
+    log: list[float] = []
+    execute = worker.execute
+
+    def timed(seqs: list[list]) -> Tensor:
+        t0 = time.process_time()
+        out = execute(seqs)
+        log.append(time.process_time() - t0)
+        return out
+
+    worker.execute = timed
+    return log
+
+
+@dataclass(frozen=True)
+class Window:
+    """One timed window of decode steps on rank 0."""
+
+    wall_s: float  # wall-clock time
+    cpu_s0: float  # rank 0's CPU time (the whole engine step: scheduling, the forward, sampling)
+    steps: tuple[int, int]  # the steps' indices (every rank runs the same steps in the same order)
+
+    def cpu_s(self, others: list[list[float]]) -> float:
+        """The window's CPU time on its busiest rank (`others`: the other ranks' per-step CPU times)."""
+        return max([self.cpu_s0] + [sum(log[self.steps[0]:self.steps[1]]) for log in others])
 
 
 def spread(names: list[str], batch: int) -> list[str | None]:
@@ -189,7 +233,8 @@ def run_until(engine: Engine, done, what: str, timeout_s: float = 900) -> None:
             raise TimeoutError(f"{what} did not finish in {timeout_s} s")
 
 
-def decode_rate(engine: Engine, args: argparse.Namespace, names: list[str | None], label: str) -> float:
+def decode_windows(engine: Engine, args: argparse.Namespace, names: list[str | None], label: str) -> list[Window]:
+    """Prefill a batch of sequences for `names`, then time --windows windows of --steps decode steps."""
     g = torch.Generator().manual_seed(0)
     outs: dict[str, list] = {}
     for i, name in enumerate(names):
@@ -201,29 +246,33 @@ def decode_rate(engine: Engine, args: argparse.Namespace, names: list[str | None
     run_until(engine, lambda: all(outs.values()), f"{label}: prefill")  # every sequence has its first token
     if len(engine.scheduler.running) != args.batch:
         raise RuntimeError(f"{label}: {len(engine.scheduler.running)} of {args.batch} sequences running")
-    dt = float("inf")
-    for _ in range(args.windows):  # the fastest window of the round: the least disturbed by other load
-        t0 = time.perf_counter()
+    timed = []
+    for _ in range(args.windows):
+        first = engine.worker.steps
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(args.steps):
             engine.step()
-        dt = min(dt, time.perf_counter() - t0)
+        timed.append(Window(time.perf_counter() - t0, time.process_time() - c0, (first, engine.worker.steps)))
     run_until(engine, lambda: all(o and o[-1].finished for o in outs.values()), f"{label}: drain")
-    return args.batch * args.steps / dt
+    return timed
 
 
-def per_round_ratio(row: dict, ref: dict) -> float:
+def per_round_ratio(row: dict, ref: dict, key: str = "rounds") -> float:
     """Median over rounds of row's rate / ref's rate in the same round (noise of one round hits both)."""
-    return statistics.median(a / b for a, b in zip(row["rounds"], ref["rounds"], strict=True))
+    return statistics.median(a / b for a, b in zip(row[key], ref[key], strict=True))
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Each row's rate as a ratio to no LoRA and to 1 adapter of its sweep, beside the bounds."""
+    """Each row's rates (wall clock and CPU time) as ratios to no LoRA and to 1 adapter of its
+    sweep, beside the bounds."""
     base = next(r for r in rows if r["adapters"] == 0)
     ones = {r["sweep"]: r for r in rows if r["adapters"] == 1}
     for r in rows:
         one = ones.get(r["sweep"], base)
         r["vs_no_lora"] = per_round_ratio(r, base)
         r["vs_1_adapter"] = per_round_ratio(r, one)
+        r["cpu_vs_no_lora"] = per_round_ratio(r, base, "cpu_rounds")
+        r["cpu_vs_1_adapter"] = per_round_ratio(r, one, "cpu_rounds")
         r["bound_vs_1_adapter"] = r["flop_bound"] / one["flop_bound"]
     return rows
 
@@ -239,7 +288,9 @@ def run(args: argparse.Namespace) -> dict:
     by = {r["scenario"]: r for r in rows}
     one, many = by[f"1 x r{args.rank} (bd)"], by[f"{args.batch} x r{args.rank} (bd)"]
     acceptance = {f"1 adapter / no LoRA (r{args.rank}, bd)": one["vs_no_lora"],
-                  f"{args.batch} adapters / 1 adapter (r{args.rank}, bd)": many["vs_1_adapter"]}
+                  f"{args.batch} adapters / 1 adapter (r{args.rank}, bd)": many["vs_1_adapter"],
+                  f"1 adapter / no LoRA (r{args.rank}, bd), CPU": one["cpu_vs_no_lora"],
+                  f"{args.batch} adapters / 1 adapter (r{args.rank}, bd), CPU": many["cpu_vs_1_adapter"]}
     return {"config": {"model": cfg.name, "tp": args.tp, "batch": args.batch, "steps": args.steps, "windows": args.windows,
                        "rounds": args.rounds,
                        "rank": args.rank, "counts": args.counts, "mixed_ranks": list(MIXED_RANKS),
@@ -264,15 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     if 1 not in args.counts:
         p.error("--counts must include 1: the sweep's ratios are taken to it")
     out = run(args)
-    print(f"{'scenario':<24} {'tok/s':>9} {'vs no LoRA':>10} {'bound':>6} {'vs 1 adapter':>12} {'bound':>6}")
+    print(f"{'scenario':<24} {'tok/s':>9} {'vs no LoRA':>10} {'bound':>6} {'vs 1 adapter':>12} {'bound':>6} "
+          f"{'CPU: vs no LoRA':>15} {'vs 1 adapter':>12}")
     for r in out["rows"]:
         print(f"{r['scenario']:<24} {r['tokens_per_s']:>9.1f} {r['vs_no_lora']:>9.2f}x {r['flop_bound']:>5.2f}x "
-              f"{r['vs_1_adapter']:>11.2f}x {r['bound_vs_1_adapter']:>5.2f}x")
+              f"{r['vs_1_adapter']:>11.2f}x {r['bound_vs_1_adapter']:>5.2f}x "
+              f"{r['cpu_vs_no_lora']:>14.2f}x {r['cpu_vs_1_adapter']:>11.2f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))
     print(f"\nwrote {args.json}")
     for k, v in out["acceptance"].items():
-        print(f"{k:<40} {v:6.2f}x")
+        print(f"{k:<45} {v:6.2f}x")
     return 0
 
 
