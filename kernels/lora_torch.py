@@ -251,11 +251,33 @@ def _page_runs(page_table: Tensor, plan: RowPlan) -> list[PageRun]:
     return out
 
 
+def _runs(page_table: Tensor, plan: RowPlan, cache: StepCache | None) -> list[PageRun]:
+    return _cached(cache, ("runs", id(page_table), id(plan)), lambda: _page_runs(page_table, plan))
+
+
+def _one_slot_in_place(pool: Tensor, page_table: Tensor, plan: RowPlan, cache: StepCache | None) -> int | None:
+    """The first page of the batch's only slot when every row uses it, its pages lie in place and
+    its class is the caller's (the common decode step of one adapter); None otherwise. Such a
+    step's factor views depend only on the class and the pages, so they are kept across steps."""
+    if cache is None or cache.workspace is None or not plan.identity or len(plan.classes) != 1:
+        return None
+    c = plan.classes[0]
+    if c.strategy != "matmul" or c.cls is None or pool.dtype != torch.float32:
+        return None
+    return _runs(page_table, plan, cache)[0].first
+
+
+def _factor(pool: Tensor, first: int, offset: int, rows: int, cols: int) -> Tensor:
+    """The (rows, cols) factor at `offset` of the virtual buffer starting at page `first`, in place."""
+    at = pool.storage_offset() + first * pool.shape[1] + offset
+    return pool.as_strided((rows, cols), (cols, 1), at)
+
+
 def _class_buffers(pool: Tensor, page_table: Tensor, plan: RowPlan, cache: StepCache | None) -> list[Tensor]:
     """Per class, its slots' pages of this layer: (U_c, pages_c * P) float32, a view of the pool
     where the pages lie at a regular stride, else one copy. The newest layer's are kept in the
     cache: every linear of a layer shares them."""
-    runs = _cached(cache, ("runs", id(page_table), id(plan)), lambda: _page_runs(page_table, plan))
+    runs = _runs(page_table, plan, cache)
 
     def make() -> list[Tensor]:
         P = pool.shape[1]
@@ -356,8 +378,25 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
     plan = _plan(idx, page_table, (a_offset, rank), cache)
     if not plan.classes:
         return torch.zeros(T, n_slices, max_rank, dtype=torch.float32, device=x.device)
-    bufs = _class_buffers(pool, page_table, plan, cache)
     specs = _class_specs("shrink", plan, (a_offset, rank), d_in, cache, lambda m: _shrink_runs(m, d_in))
+    first = _one_slot_in_place(pool, page_table, plan, cache)
+    if first is not None and x.dtype == torch.float32:
+        key = ("shrink views", id(a_offset), id(rank), plan.classes[0].cls, pool.data_ptr(), first, d_in)
+        views = cache.workspace.specs.get(key)
+        if views is None:  # per run of adjacent A factors: A.T (d_in, width), a view of the pool
+            views = cache.workspace.specs[key] = [
+                (run, _factor(pool, first, run.offset, sum(run.ranks), d_in).T) for run in specs[0]]
+        if len(views) == 1 and (views[0][0].s0, views[0][0].s1) == (0, n_slices) \
+                and all(r == max_rank for r in views[0][0].ranks):
+            return (x @ views[0][1]).view(T, n_slices, max_rank)  # every slice at full width
+        h = torch.zeros(T, n_slices, max_rank, dtype=torch.float32, device=x.device)
+        for run, AT in views:
+            prod, at = x @ AT, 0
+            for s, r in zip(range(run.s0, run.s1), run.ranks):
+                h[:, s, :r] = prod[:, at:at + r]
+                at += r
+        return h
+    bufs = _class_buffers(pool, page_table, plan, cache)
     xs = plan.take(x).float()  # (Ta, d_in)
     if plan.identity and len(plan.classes) == 1 and len(specs[0]) == 1:
         run = specs[0][0]
@@ -390,8 +429,20 @@ def lora_expand_torch(h: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
     plan = _plan(idx, page_table, meta, cache)
     if not plan.classes:
         return y
-    bufs = _class_buffers(pool, page_table, plan, cache)
     specs = _class_specs("expand", plan, meta, None, cache, _expand_slices)
+    first = _one_slot_in_place(pool, page_table, plan, cache)
+    if first is not None and y.dtype == torch.float32:
+        c = plan.classes[0]
+        key = ("expand views", *map(id, meta), c.cls, pool.data_ptr(), first)
+        views = cache.workspace.specs.get(key)
+        if views is None:  # per slice: B.T (r, n), a view of the pool
+            views = cache.workspace.specs[key] = [
+                (s, r, o, n, _factor(pool, first, off, n, r).T) for s, off, r, o, n in specs[0]]
+        alpha = _cached(cache, ("scale", id(plan), 0, id(scale)), lambda: float(scale[c.first_slot]))
+        for s, r, o, n, BT in views:
+            y[:, o:o + n].addmm_(h[:, s, :r], BT, alpha=alpha)
+        return y
+    bufs = _class_buffers(pool, page_table, plan, cache)
     hs = plan.take(h)  # (Ta, n_slices, R)
     # float32 y is updated where it is (rows in plan order in place, others by index_add_, each row
     # once): the same sums as the reference's y.float() + delta; other dtypes via a float32 copy
