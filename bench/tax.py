@@ -1,7 +1,8 @@
 """The serving tax: how much of the engine's decode speed reaches an HTTP client, in one run.
 
 1. Engine alone (as bench/decode.py: two plain processes over gloo, rank 0 steps the engine by hand):
-   decode tokens/s at batch 1, 8 and 32, base model and mixed adapters.
+   decode tokens/s at batch 1, 8 and 32, base model and mixed adapters, each the fastest of 3 windows
+   of `--steps` steps (a window another process slowed would flatter the ratio).
 2. The whole system over HTTP on the same model, TP degree and adapters (`compare.local_server`: a
    Serve app exactly as `serve run deploy:app`): closed waves of B concurrent `/v1/completions` of
    `--tokens` tokens each (greedy, EOS ignored), base and mixed adapters, streamed and not. Each case
