@@ -115,6 +115,11 @@ def _check(result: Any) -> Any:
     return result
 
 
+def _group_died(e: BaseException) -> ReplicaGroupFailed:
+    """The error of a request whose group's replica died under it (Serve replaces the replica)."""
+    return ReplicaGroupFailed(f"the replica group died: {type(e).__name__}")
+
+
 class ServeRouter:
     """Routes through a DeploymentHandle to `EngineGroupDeployment` replicas."""
 
@@ -136,7 +141,7 @@ class ServeRouter:
                 yield out
         except _REPLICA_GONE as e:  # the group's replica (rank 0 runs in it) died; Serve replaces it
             finished = True
-            raise ReplicaGroupFailed(f"the replica group died: {type(e).__name__}") from None
+            raise _group_died(e) from None
         finally:
             if not finished:
                 # Cancelling the call cancels the replica's generator, which aborts the request.
@@ -149,7 +154,7 @@ class ServeRouter:
         try:
             return _check(await response)
         except _REPLICA_GONE as e:
-            raise ReplicaGroupFailed(f"the replica group died: {type(e).__name__}") from None
+            raise _group_died(e) from None
         except asyncio.CancelledError:
             response.cancel()  # the replica's call is cancelled, which aborts the request
             raise

@@ -333,6 +333,17 @@ class ShrinkRun:
     offset: int
     ranks: tuple[int, ...]  # of slices s0..s1-1, all > 0
 
+    def whole(self, n_slices: int, max_rank: int) -> bool:
+        """The run is every slice at full width: its product, viewed (T, n_slices, max_rank), is h."""
+        return (self.s0, self.s1) == (0, n_slices) and all(r == max_rank for r in self.ranks)
+
+    def split(self, prod: Tensor, h: Tensor) -> None:
+        """Write the run's product (T, sum of ranks), slices side by side, into h's (T, slice, :rank)."""
+        at = 0
+        for s, r in zip(range(self.s0, self.s1), self.ranks):
+            h[:, s, :r] = prod[:, at:at + r]
+            at += r
+
 
 def _shrink_runs(meta: list[list[int]], d_in: int) -> list[ShrinkRun]:
     """A class's slices with rank > 0 grouped into runs of adjacent A factors."""
@@ -386,21 +397,17 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
         if views is None:  # per run of adjacent A factors: A.T (d_in, width), a view of the pool
             views = cache.workspace.specs[key] = [
                 (run, _factor(pool, first, run.offset, sum(run.ranks), d_in).T) for run in specs[0]]
-        if len(views) == 1 and (views[0][0].s0, views[0][0].s1) == (0, n_slices) \
-                and all(r == max_rank for r in views[0][0].ranks):
+        if len(views) == 1 and views[0][0].whole(n_slices, max_rank):
             return (x @ views[0][1]).view(T, n_slices, max_rank)  # every slice at full width
         h = torch.zeros(T, n_slices, max_rank, dtype=torch.float32, device=x.device)
         for run, AT in views:
-            prod, at = x @ AT, 0
-            for s, r in zip(range(run.s0, run.s1), run.ranks):
-                h[:, s, :r] = prod[:, at:at + r]
-                at += r
+            run.split(x @ AT, h)
         return h
     bufs = _class_buffers(pool, page_table, plan, cache)
     xs = plan.take(x).float()  # (Ta, d_in)
     if plan.identity and len(plan.classes) == 1 and len(specs[0]) == 1:
         run = specs[0][0]
-        if (run.s0, run.s1) == (0, n_slices) and all(r == max_rank for r in run.ranks):
+        if run.whole(n_slices, max_rank):
             # one class, every row, every slice at full width: h is the product itself
             A = bufs[0][:, run.offset:run.offset + n_slices * max_rank * d_in].view(-1, n_slices * max_rank, d_in)
             return _product(xs, A, plan.classes[0]).view(T, n_slices, max_rank)
@@ -412,11 +419,7 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
         for run in runs:
             width = sum(run.ranks)
             A = buf[:, run.offset:run.offset + width * d_in].view(-1, width, d_in)  # (U_c, width, d_in), a view
-            prod = _product(xc, A, c)  # (T_c, width): slices s0..s1-1 side by side
-            at = 0
-            for s, r in zip(range(run.s0, run.s1), run.ranks):
-                hs[c.r0:c.r1, s, :r] = prod[:, at:at + r]
-                at += r
+            run.split(_product(xc, A, c), hs[c.r0:c.r1])  # (T_c, width): slices s0..s1-1 side by side
     if not plan.identity:
         h[plan.rows] = hs
     return h
