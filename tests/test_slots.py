@@ -130,6 +130,34 @@ def test_torch_product_shapes_match_the_reference(rows, want, pages):
     assert torch.equal(y[idx == -1], y0[idx == -1]) and not torch.equal(y[idx >= 0], y0[idx >= 0])
 
 
+def test_a_repeated_index_reuses_its_plan_until_a_slot_changes():
+    """Decode steps repeat one index: the second step finds the first's row plan (and page runs);
+    after a slot's adapter is replaced by one of another rank and page count, the same index
+    gets a new plan, and both steps' results are the reference's."""
+    pool, tables = make_pool(3000)
+    for i in range(2):
+        meta, shard = make_shard(16, seed=i, tp_rank=1)
+        pool.load_adapter(f"a{i}", shard, meta)
+    idx = torch.tensor([1, 0, 1, 0, -1, 1], dtype=torch.int32)
+    x = torch.randn(len(idx), CFG.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def step() -> object:
+        batch = LoraBatch.from_tables(tables, idx, pool.data)
+        g = batch.groups["gate_up"]
+        args = (pool.data[0], batch.page_table, batch.idx, g.a_offset, g.rank_a, g.width)
+        torch.testing.assert_close(lora_shrink_torch(x, *args, batch.segments), lora_shrink_ref(x, *args),
+                                   rtol=1e-5, atol=1e-5)
+        return _plan(batch.idx, batch.page_table, (g.a_offset, g.rank_a), batch.segments)
+
+    first = step()
+    assert step() is first
+    pool.evict_adapter("a1")
+    meta, shard = make_shard(8, seed=5, tp_rank=1)
+    pool.load_adapter("b", shard, meta)
+    assert pool.adapter("b").slot == 1
+    assert step() is not first
+
+
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     cfg = LlamaConfig.from_name("tiny")

@@ -143,6 +143,7 @@ class SlotTables:
             raise ValueError(f"slot {slot} must be >= 0")
         n = int(pages.numel())
         self._grow(max(slot + 1, 2 * self.capacity) if slot >= self.capacity else self.capacity, n)
+        self.workspace.slots_changed()
         self.page_table[slot].zero_()
         self.page_table[slot, :n] = pages.to(self.device, torch.int32)
         self.scale[slot] = meta.scale
@@ -162,6 +163,7 @@ class SlotTables:
         """Forget a slot (its adapter left the pool): rank 0 everywhere, so it adapts nothing."""
         if slot >= self.capacity:
             return
+        self.workspace.slots_changed()
         self.page_table[slot].zero_()
         self.scale[slot] = 0.0
         for table in self.groups.values():
