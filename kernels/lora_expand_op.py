@@ -41,7 +41,8 @@ def _expand_kernel(
     MMA: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """y[tok, o + n] += scale[a] * sum_k h[tok, s, k] * B_s[n, k] for this program's
-    rows, slice s and column tile n < out_len[a, s]; nothing at all otherwise."""
+    rows, slice s and column tile n < out_len[a, s]; nothing at all otherwise. B_s is
+    stored transposed: B_s[n, k] is virtual element off + k * out_len + n."""
     tok, row_mask, a = program_rows(idx_ptr, order_ptr, tile_start_ptr, T, SORTED, BLOCK_M)
     s = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -64,7 +65,7 @@ def _expand_kernel(
         k_mask = k < rank
         hk = tl.load(h_ptr + tok[:, None] * stride_ht + s * stride_hs + k[None, :] * stride_hr,
                      mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        v = off + n[None, :] * rank + k[:, None]  # (BLOCK_K, BLOCK_N) virtual ids of B_s^T
+        v = off + k[:, None] * n_len + n[None, :]  # (BLOCK_K, BLOCK_N) virtual ids of B_s^T, stored row-major
         w = load_paged(pool_ptr, pages_ptr, v, k_mask[:, None] & n_mask[None, :],
                        stride_pt_page, stride_pool_page, stride_pool_elem, PAGE)
         acc = mma(acc, hk, w, MMA, DOT_F32)
@@ -95,7 +96,7 @@ def lora_expand(
     pool: Tensor,        # (num_pages, P) one layer of the unified pool
     page_table: Tensor,  # (S, max_pages) int32
     idx: Tensor,         # (T,) int32, -1 = no adapter
-    b_offset: Tensor,    # (S, n_slices) int64 virtual offset of B_s
+    b_offset: Tensor,    # (S, n_slices) int64 virtual offset of B_s, stored transposed: B_s.T (r, n) row-major
     rank: Tensor,        # (S, n_slices) int32 columns of B_s (0 = slice absent), each <= R
     out_start: Tensor,   # (S, n_slices) int32 first column of y that B_s writes
     out_len: Tensor,     # (S, n_slices) int32 rows of B_s; column ranges of one slot's slices are disjoint
@@ -108,8 +109,8 @@ def lora_expand(
     """In place, one launch for all slices; returns y. Per row t with a = idx[t] >= 0
     and slice s with r = rank[a, s] > 0, o = out_start[a, s], n = out_len[a, s]:
 
-        B_s = pool[page_table[a, v // P], v % P] for v in b_offset[a, s] + arange(n * r)
-        y[t, o:o + n] = (y[t, o:o + n].float() + scale[a] * h[t, s, :r] @ B_s.view(n, r).float().T).to(y.dtype)
+        B_s_T = pool[page_table[a, v // P], v % P] for v in b_offset[a, s] + arange(r * n)
+        y[t, o:o + n] = (y[t, o:o + n].float() + scale[a] * h[t, s, :r] @ B_s_T.view(r, n).float()).to(y.dtype)
     """
     # (1) check
     if h.dim() != 3 or h.dtype != torch.float32:

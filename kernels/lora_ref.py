@@ -7,9 +7,12 @@ Paged layout (shared with `bdlora_ray.memory` and `bdlora_ray.lora.layout`):
 one layer of the unified pool is a tensor `pool` of shape (num_pages, P),
 P = elements per page. An adapter slot `a` owns pages `page_table[a, :]`;
 together they form its per-layer *virtual buffer*, in which element `v` lives
-at `pool[page_table[a, v // P], v % P]`. A weight matrix of shape
-(rows, cols) stored at virtual offset `off` is row-major there:
-element (j, k) is virtual element `off + j * cols + k`.
+at `pool[page_table[a, v // P], v % P]`. A matrix of shape (rows, cols)
+stored at virtual offset `off` is row-major there: element (j, k) is virtual
+element `off + j * cols + k`. A factors are stored as they are, (rank, d_in);
+B factors transposed, as B_s.T (rank, out_len): an expand then reads, per
+rank row, contiguous output columns (batched products with contiguous rows
+run several times faster on the CPU than over B's rank-wide rows).
 
 Semantics, as torch pseudo-code (`A_s`, `B_s` read from the pages of slot a):
 
@@ -66,7 +69,7 @@ def lora_expand_ref(
     pool: Tensor,        # (num_pages, P)
     page_table: Tensor,  # (S, max_pages) int32
     idx: Tensor,         # (T,) int32, -1 = no adapter
-    b_offset: Tensor,    # (S, n_slices) int64 virtual offset of B_s
+    b_offset: Tensor,    # (S, n_slices) int64 virtual offset of B_s.T (stored transposed)
     rank: Tensor,        # (S, n_slices) int32 columns of B_s (0 = slice absent)
     out_start: Tensor,   # (S, n_slices) int32 first column of y that B_s writes
     out_len: Tensor,     # (S, n_slices) int32 rows of B_s = columns of y written
@@ -83,7 +86,7 @@ def lora_expand_ref(
             if r == 0:
                 continue
             n, o = int(out_len[a, s]), int(out_start[a, s])
-            B = read_paged(pool, page_table[a], int(b_offset[a, s]), n, r).float()
+            B = read_paged(pool, page_table[a], int(b_offset[a, s]), r, n).float().T  # stored as B.T (r, n)
             delta = float(scale[a]) * (h[rows, s, :r] @ B.T)  # (Ta, n)
             y[rows, o:o + n] = (y[rows, o:o + n].float() + delta).to(y.dtype)
     return y

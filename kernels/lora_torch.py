@@ -422,18 +422,18 @@ def _expand_slices(meta: list[list[int]]) -> list[tuple[int, int, int, int, int]
 
 
 def _product(left: Tensor, right: Tensor, c: ClassPlan) -> Tensor:
-    """Row t of the result: left[t] @ right[slot of t].T; left (T_c, k), right (U_c, n, k)."""
+    """Row t of the result: left[t] @ right[slot of t]; left (T_c, k), right (U_c, k, n)."""
     if c.strategy == "matmul":
-        return left @ right[0].T  # (T_c, n)
+        return left @ right[0]  # (T_c, n)
     if c.strategy == "padded":
         U, k = len(c.slots), left.shape[1]
         if c.uniform:  # rows sorted by slot, m_c each: already (U_c, m_c, k)
-            return torch.bmm(left.reshape(U, c.busiest, k), right.transpose(1, 2)).reshape(-1, right.shape[1])
+            return torch.bmm(left.reshape(U, c.busiest, k), right).reshape(-1, right.shape[2])
         padded = left.new_zeros(U, c.busiest, k)  # (U_c, m_c, k)
         padded[c.inv, c.pos] = left
-        return torch.bmm(padded, right.transpose(1, 2))[c.inv, c.pos]  # (T_c, n)
-    per_row = right.index_select(0, c.inv)  # (T_c, n, k)
-    return torch.bmm(left.unsqueeze(1), per_row.transpose(1, 2)).squeeze(1)  # (T_c, n)
+        return torch.bmm(padded, right)[c.inv, c.pos]  # (T_c, n)
+    per_row = right.index_select(0, c.inv)  # (T_c, k, n)
+    return torch.bmm(left.unsqueeze(1), per_row).squeeze(1)  # (T_c, n)
 
 
 def _in_batch_order(hs: Tensor, plan: RowPlan, cache: StepCache | None) -> Tensor:
@@ -473,7 +473,7 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
         if run.whole(n_slices, max_rank):
             # one class, every row, every slice at full width: h is the product itself, in batch order
             A = bufs[0][:, run.offset:run.offset + n_slices * max_rank * d_in].view(-1, n_slices * max_rank, d_in)
-            hs = _product(xs, A, plan.classes[0]).view(-1, n_slices, max_rank)
+            hs = _product(xs, A.transpose(1, 2), plan.classes[0]).view(-1, n_slices, max_rank)
             return _in_batch_order(hs, plan, cache)
     hs = torch.zeros(len(plan.rows), n_slices, max_rank, dtype=torch.float32, device=x.device)
     for c, buf, runs in zip(plan.classes, bufs, specs):
@@ -481,7 +481,7 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
         for run in runs:
             width = sum(run.ranks)
             A = buf[:, run.offset:run.offset + width * d_in].view(-1, width, d_in)  # (U_c, width, d_in), a view
-            run.split(_product(xc, A, c), hs[c.r0:c.r1])  # (T_c, width): slices s0..s1-1 side by side
+            run.split(_product(xc, A.transpose(1, 2), c), hs[c.r0:c.r1])  # (T_c, width): slices side by side
     if every_row:
         return _in_batch_order(hs, plan, cache)
     h = torch.zeros(T, n_slices, max_rank, dtype=torch.float32, device=x.device)
@@ -502,9 +502,9 @@ def lora_expand_torch(h: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
         c = plan.classes[0]
         key = ("expand views", *map(id, meta), c.cls, pool.data_ptr(), first)
         views = cache.workspace.specs.get(key)
-        if views is None:  # per slice: B.T (r, n), a view of the pool
+        if views is None:  # per slice: B.T (r, n) as stored, a view of the pool
             views = cache.workspace.specs[key] = [
-                (s, r, o, n, _factor(pool, first, off, n, r).T) for s, off, r, o, n in specs[0]]
+                (s, r, o, n, _factor(pool, first, off, r, n)) for s, off, r, o, n in specs[0]]
         alpha = _cached(cache, ("scale", id(plan), 0, id(scale)), lambda: float(scale[c.first_slot]))
         for s, r, o, n, BT in views:
             y[:, o:o + n].addmm_(h[:, s, :r], BT, alpha=alpha)
@@ -525,25 +525,25 @@ def lora_expand_torch(h: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
             alpha = _cached(cache, ("scale", id(plan), ci, id(scale)), lambda: float(scale[c.first_slot]))
             hc = hs if len(plan.classes) == 1 else hs[c.r0:c.r1]
             for s, off, r, o, n in slices:
-                B = buf[0, off:off + n * r].view(n, r)  # (n, r), a view
+                BT = buf[0, off:off + n * r].view(r, n)  # B.T (r, n) as stored, a view
                 if restore:
-                    yc[:, o:o + n].add_(plan.restore(hc[:, s, :r] @ B.T), alpha=alpha)
+                    yc[:, o:o + n].add_(plan.restore(hc[:, s, :r] @ BT), alpha=alpha)
                 elif rows is None:
-                    yc[:, o:o + n].addmm_(hc[:, s, :r], B.T, alpha=alpha)
+                    yc[:, o:o + n].addmm_(hc[:, s, :r], BT, alpha=alpha)
                 else:
-                    yc[:, o:o + n].index_add_(0, rows, hc[:, s, :r] @ B.T, alpha=alpha)
+                    yc[:, o:o + n].index_add_(0, rows, hc[:, s, :r] @ BT, alpha=alpha)
         else:
             sc = _cached(cache, ("scales", id(plan), id(scale)),
                          lambda: scale.index_select(0, plan.slot_of_row)[:, None, None])  # (Ta, 1, 1)
             hc = hs[c.r0:c.r1] * sc[c.r0:c.r1]  # (T_c, n_slices, R) scaled per row
             for s, off, r, o, n in slices:
-                B = buf[:, off:off + n * r].view(-1, n, r)  # (U_c, n, r), a view
+                BT = buf[:, off:off + n * r].view(-1, r, n)  # (U_c, r, n) B.T as stored, a view
                 if restore:
-                    yc[:, o:o + n].add_(plan.restore(_product(hc[:, s, :r], B, c)))
+                    yc[:, o:o + n].add_(plan.restore(_product(hc[:, s, :r], BT, c)))
                 elif rows is None:
-                    yc[:, o:o + n].add_(_product(hc[:, s, :r], B, c))
+                    yc[:, o:o + n].add_(_product(hc[:, s, :r], BT, c))
                 else:
-                    yc[:, o:o + n].index_add_(0, rows, _product(hc[:, s, :r], B, c))
+                    yc[:, o:o + n].index_add_(0, rows, _product(hc[:, s, :r], BT, c))
     if not direct:
         y[plan.rows] = ys.to(y.dtype)
     return y

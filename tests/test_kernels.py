@@ -91,7 +91,7 @@ def make_case(idx: list[int], d_in: int = 33, out_lens: tuple[int, ...] = OUT_LE
             gap = int(torch.randint(3, (1,), generator=g))
             a_offset[a, s], b_offset[a, s] = cursor, cursor + r * d_in + gap
             chunks += [torch.randn(cursor - sum(c.numel() for c in chunks), generator=g),
-                       A[a, s].flatten(), torch.randn(gap, generator=g), B[a, s].flatten()]
+                       A[a, s].flatten(), torch.randn(gap, generator=g), B[a, s].T.flatten()]  # B stored as B.T
             cursor = int(b_offset[a, s]) + L * r
         buffers.append(torch.cat(chunks))
     max_pages = max(-(-b.numel() // page) for b in buffers)

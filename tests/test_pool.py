@@ -43,7 +43,7 @@ def assert_pages_hold(pool: PagePool, name: str, shard: dict) -> None:
     a = pool.adapter(name)
     for layer in range(CFG.num_layers):
         for s in a.layout.segments:
-            got = read_paged(pool.data[layer], a.pages, s.offset, s.rows, s.cols)
+            got = s.unstored(read_paged(pool.data[layer], a.pages, s.offset, *s.stored_shape))
             assert torch.equal(got, shard[tensor_name(layer, s.target, s.factor)]), (name, layer, s)
 
 

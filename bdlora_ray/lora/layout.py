@@ -5,9 +5,10 @@ A per-rank shard is a dict of tensors named `layers.{l}.{target}.lora_A`
 (shape (d_out_B, r_B)). Every layer of one shard has the same shapes, so one
 `AdapterLayout` describes the adapter's per-layer *virtual buffer*: per fused
 linear of the model (`GROUPS`: q|k|v, o, gate|up, down), the A factors of its
-targets present, in order, then their B factors, each row-major, packed back
-to back. A fused linear's A factors (all of width d_in) thus form one
-(sum of ranks, d_in) matrix, so a kernel may apply them in one product. The
+targets present, in order, then their B factors, packed back to back: each A
+row-major as it is, each B transposed (B.T, (r, d_out) row-major; see
+`kernels.lora_ref`). A fused linear's A factors (all of width d_in) thus form
+one (sum of ranks, d_in) matrix, so a kernel may apply them in one product. The
 adapter owns `num_pages(P)` pages, and uses the same page ids in
 every layer of the pool (as S-LoRA does), so one page table per adapter
 serves all layers.
@@ -42,12 +43,25 @@ class Segment:
     target: str   # one of TARGETS
     factor: str   # "A" or "B"
     offset: int   # first element in the per-layer virtual buffer
-    rows: int
+    rows: int     # the factor's shape: (r, d_in) for A, (d_out, r) for B
     cols: int
 
     @property
     def numel(self) -> int:
         return self.rows * self.cols
+
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        """Shape of the row-major matrix at `offset`: A as it is, B transposed."""
+        return (self.rows, self.cols) if self.factor == "A" else (self.cols, self.rows)
+
+    def stored(self, factor: Tensor) -> Tensor:
+        """The factor as it lies in the buffer (a view of it)."""
+        return factor if self.factor == "A" else factor.T
+
+    def unstored(self, stored: Tensor) -> Tensor:
+        """The factor, from the `stored_shape` matrix read at `offset` (a view of it)."""
+        return stored if self.factor == "A" else stored.T
 
 
 @dataclass(frozen=True)
@@ -103,8 +117,8 @@ class AdapterLayout:
         n = self.num_pages(page_elems)
         buf = torch.zeros(n * page_elems, dtype=next(iter(shard.values())).dtype)
         for s in self.segments:
-            t = shard[tensor_name(layer, s.target, s.factor)]
-            buf[s.offset:s.offset + s.numel] = t.reshape(-1)
+            t = s.stored(shard[tensor_name(layer, s.target, s.factor)])
+            buf[s.offset:s.offset + s.numel].view(s.stored_shape).copy_(t)
         return buf.view(n, page_elems)
 
     def write_to_pool(self, shard: dict[str, Tensor], pool: Tensor, pages: Tensor) -> None:
