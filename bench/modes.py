@@ -9,6 +9,15 @@ open-loop workload runs against each set in turn (ABC then CBA order to
 spread drift on a shared machine); throughput and latency per mode, and
 bd / slora, bd / replicated throughput ratios.
 
+Beside it, the same work as the engine-alone measurement, over HTTP: closed
+waves of `--engine-batch` concurrent completions of `--wave-tokens` tokens
+(greedy, EOS ignored) over each mode's adapters, in `--wave-rounds` rounds of
+one wave per mode (ABC, CBA, ...): a round's bd / slora compares waves a few
+seconds apart, so that the other work of a shared machine slows both alike;
+the figure is the median round's. (The open-loop workload's throughput also
+depends on its arrival rate: where the server keeps up, every mode completes
+what arrives.)
+
 Anchor: the BD-LoRA paper (arXiv 2510.23346) reports 1.3x-1.8x end-to-end
 speed-ups over S-LoRA sharding on 8xA100 (1.63x Llama-3.1-8B, 1.79x 70B) at
 similar parameter counts.
@@ -17,11 +26,14 @@ similar parameter counts.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import tempfile
+import time
 from pathlib import Path
 
 from bdlora_ray.lora.layout import COLUMN_TARGETS, TARGETS
 from bench import compare, engine_alone, runner
+from bench.tax import one_request
 from deploy.seed import TINY, DemoAdapter
 
 NAME = "modes"
@@ -60,6 +72,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-batch", type=int, default=16,
                    help="batch of the engine-alone measurement (over the mode's adapters) in the same run")
     p.add_argument("--engine-steps", type=int, default=16, help="timed decode steps of the engine-alone measurement")
+    p.add_argument("--engine-rounds", type=int, default=3,
+                   help="rounds of the engine-alone measurement (one batch per mode, ABC CBA ... order)")
+    p.add_argument("--wave-rounds", type=int, default=6,
+                   help="rounds of closed HTTP waves (one per mode, --engine-batch requests each)")
+    p.add_argument("--wave-tokens", type=int, default=64, help="generated tokens per request of a closed wave")
     compare.add_workload_arguments(p, requests=96, rate=24.0)
 
 
@@ -79,33 +96,74 @@ def run(args: argparse.Namespace) -> dict:
         # The engine alone first, on the same files, before the server exists (nothing else on the CPUs).
         model_dir, peft_dirs = compare.write_files(Path(d), adapters, args.tp, args.model)
         cases = {m: [f"{m}-{i % args.adapters}" for i in range(args.engine_batch)] for m in MODES}
-        engine = engine_alone.measure(model_dir, {a.name: (str(peft_dirs[a.name]), a.mode) for a in adapters},
-                                      cases, args.tp, args.engine_steps, dict(server.engine))
+        # Rounds of one batch per mode, as the HTTP waves below: a round's ratio compares batches measured
+        # seconds apart, where one mode's batches after another's would meet different moments of a shared machine.
+        rates = engine_alone.measure(model_dir, {a.name: (str(peft_dirs[a.name]), a.mode) for a in adapters},
+                                     {f"{m} {k}": cases[m] for k in range(args.engine_rounds)
+                                      for m in (MODES if k % 2 == 0 else MODES[::-1])},
+                                     args.tp, args.engine_steps, dict(server.engine))
+        engine_rounds = {m: [rates[f"{m} {k}"] for k in range(args.engine_rounds)] for m in MODES}
+        engine = {m: runner.percentile(v, 50) for m, v in engine_rounds.items()}
         with compare.local_server(Path(d), adapters, server, args.progress) as served:
             compare.warm_up(served, [a.name for a in adapters], args.progress)
             for i, mode in enumerate(order):
                 reqs = compare.workload(args, args.adapters, prefix=mode)
                 runs[mode].append(runner.run(reqs, compare.runner_config(args, served,
                                                                          f"{mode} ({i + 1}/{len(order)})")))
+            waves = asyncio.run(wave_rounds(served.url, {m: cases[m] for m in MODES}, args.wave_tokens,
+                                            args.wave_rounds))
     merged = {m: runner.merge(rs, m, compare.slo(args)) for m, rs in runs.items()}
     tps = {m: r.summary["tokens_per_s"] for m, r in merged.items()}
+    wave_ratio = median_ratio(waves["bd"], waves["slora"])
+    engine_ratio = {m: median_ratio(engine_rounds["bd"], engine_rounds[m]) for m in ("slora", "replicated")}
     return {
         "comparison": NAME, "anchor": ANCHOR,
         "config": {"tp": args.tp, "adapters_per_mode": args.adapters, "lora_rank": args.lora_rank,
                    "bd_rank": bd_rank, "params_per_adapter": params, "repeats": args.repeats,
                    "requests": args.requests, "rate": args.rate, "cv": args.cv, "alpha": args.alpha,
                    "input_len": args.input_len, "output_len": args.output_len, "pages": args.pages,
-                   "engine_batch": args.engine_batch, "engine_steps": args.engine_steps,
+                   "engine_batch": args.engine_batch, "engine_steps": args.engine_steps, "engine_rounds": args.engine_rounds, "wave_rounds": args.wave_rounds,
+                   "wave_tokens": args.wave_tokens,
                    "model": compare.model_info(args), "device": "cpu"},
         "runs": [{"name": m, "rank": bd_rank if m == "bd" else args.lora_rank,
                   "params": params["bd" if m == "bd" else "lora"], **merged[m].to_dict()} for m in MODES],
         "per_repeat_tokens_per_s": {m: [r.summary["tokens_per_s"] for r in rs] for m, rs in runs.items()},
         "engine_alone_tokens_per_s": engine,
-        "ratios": {"engine alone bd / slora": engine["bd"] / engine["slora"],
-                   "engine alone bd / replicated": engine["bd"] / engine["replicated"],
+        "engine_alone_rounds": engine_rounds,
+        "wave_tokens_per_s": waves,
+        "ratios": {"engine alone bd / slora": engine_ratio["slora"],
+                   "engine alone bd / replicated": engine_ratio["replicated"],
                    "bd / slora": tps["bd"] / tps["slora"], "bd / replicated": tps["bd"] / tps["replicated"],
-                   "HTTP bd/slora / engine bd/slora": (tps["bd"] / tps["slora"]) / (engine["bd"] / engine["slora"])},
+                   "HTTP bd/slora / engine bd/slora": (tps["bd"] / tps["slora"]) / engine_ratio["slora"],
+                   "HTTP waves bd / slora": wave_ratio,
+                   "HTTP waves bd/slora / engine bd/slora": wave_ratio / engine_ratio["slora"]},
     }
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """The median over rounds of a[k] / b[k]."""
+    return runner.percentile([x / y for x, y in zip(a, b)], 50)
+
+
+async def wave_rounds(url: str, batches: dict[str, list[str]], tokens: int, rounds: int) -> dict[str, list[float]]:
+    """{mode: tokens/s of its wave in each round}: one untimed wave per mode, then `rounds` rounds of one
+    closed wave per mode (one completion per adapter of its batch; ABC, CBA, ...), through one client
+    whose connections stay open."""
+    import aiohttp
+
+    bodies = {m: [{"model": a, "prompt": list(engine_alone.PROMPT), "max_tokens": tokens, "temperature": 0,
+                   "ignore_eos": True} for a in names] for m, names in batches.items()}
+    rates: dict[str, list[float]] = {m: [] for m in batches}
+    size = max(len(b) for b in bodies.values())
+    async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=300),
+                                     connector=aiohttp.TCPConnector(limit=size + 4)) as session:
+        for i in range(rounds + 1):
+            for m in (list(bodies) if i % 2 == 0 else list(bodies)[::-1]):
+                t0 = time.perf_counter()
+                res = await asyncio.gather(*(one_request(session, b, False, t0) for b in bodies[m]))
+                if i > 0:  # round 0 warms each mode's adapters and connections up
+                    rates[m].append(sum(x["tokens"] for x in res) / (time.perf_counter() - t0))
+    return rates
 
 
 def report(result: dict) -> list[str]:
@@ -119,11 +177,18 @@ def report(result: dict) -> list[str]:
     r = result["ratios"]
     e = result.get("engine_alone_tokens_per_s")
     if e:
-        lines += ["", f"engine alone, same run (batch {c.get('engine_batch', '?')}, decode tok/s): "
+        lines += ["", f"engine alone, same run (batch {c.get('engine_batch', '?')}, decode tok/s, median of "
+                  f"{c.get('engine_rounds', 1)} rounds; the ratios are the median round's): "
                   + ", ".join(f"{m} {e[m]:.0f}" for m in MODES),
                   f"engine alone bd / slora: {r['engine alone bd / slora']:.2f}x, bd / replicated: "
                   f"{r['engine alone bd / replicated']:.2f}x; over HTTP bd / slora is "
                   f"{r['HTTP bd/slora / engine bd/slora']:.2f}x of the engine's"]
+    w = result.get("wave_tokens_per_s")
+    if w:
+        lines += [f"over HTTP, closed waves of the same batch ({c['wave_tokens']} tokens each, median of "
+                  f"{len(w['bd'])} rounds, tok/s): " + ", ".join(f"{m} {runner.percentile(w[m], 50):.0f}" for m in MODES),
+                  f"HTTP waves bd / slora (median round): {r['HTTP waves bd / slora']:.2f}x, "
+                  f"{r['HTTP waves bd/slora / engine bd/slora']:.2f}x of the engine's"]
     lines += ["", f"anchor: {result['anchor']}",
               f"bd / replicated throughput: {r['bd / replicated']:.2f}x",
               f"bd / slora throughput: {r['bd / slora']:.2f}x"]

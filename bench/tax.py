@@ -64,7 +64,7 @@ def engine_alone(args: argparse.Namespace, model_dir: Path, peft_dirs: dict[str,
 
 # ---- 2. over HTTP ---------------------------------------------------------------------------------
 
-async def _one(session: aiohttp.ClientSession, body: dict, stream: bool, t0: float) -> dict:
+async def one_request(session: aiohttp.ClientSession, body: dict, stream: bool, t0: float) -> dict:
     if not stream:
         async with session.post("/v1/completions", json=body) as r:
             r.raise_for_status()
@@ -106,7 +106,7 @@ async def _waves(url: str, bodies: list[dict], stream: bool, waves: int,
             if i == 1:
                 on_start()
             start, t0 = time.monotonic(), time.perf_counter()
-            res = await asyncio.gather(*(_one(session, b, stream, t0) for b in bodies))
+            res = await asyncio.gather(*(one_request(session, b, stream, t0) for b in bodies))
             timed.append((start, time.perf_counter() - t0, res))
         return timed[1:]
 

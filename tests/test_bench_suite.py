@@ -312,8 +312,8 @@ def test_modes_comparison_end_to_end_tiny(tmp_path):
     out, png = tmp_path / "modes.json", tmp_path / "modes.png"
     cmd = [sys.executable, "-m", "bench", "modes", "--adapters", "1", "--lora-rank", "4",
            "--requests", "3", "--rate", "50", "--output-len", "2-3", "--input-len", "4-8", "--repeats", "1",
-           "--pages", "256", "--engine-batch", "2", "--engine-steps", "2", "--no-progress", "--json", str(out),
-           "--plot", str(png)]
+           "--pages", "256", "--engine-batch", "2", "--engine-steps", "2", "--engine-rounds", "1",
+           "--wave-rounds", "1", "--wave-tokens", "3", "--no-progress", "--json", str(out), "--plot", str(png)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
@@ -325,10 +325,15 @@ def test_modes_comparison_end_to_end_tiny(tmp_path):
     assert all(r["summary"]["ok"] == 3 and r["summary"]["errors"] == 0 for r in result["runs"])
     assert result["config"]["bd_rank"] == 6 and set(result["ratios"]) == {
         "bd / slora", "bd / replicated", "engine alone bd / slora", "engine alone bd / replicated",
-        "HTTP bd/slora / engine bd/slora"}
+        "HTTP bd/slora / engine bd/slora", "HTTP waves bd / slora", "HTTP waves bd/slora / engine bd/slora"}
     e = result["engine_alone_tokens_per_s"]
     assert set(e) == {"bd", "slora", "replicated"} and all(v > 0 for v in e.values())
     assert result["ratios"]["engine alone bd / slora"] == pytest.approx(e["bd"] / e["slora"])
+    assert result["engine_alone_rounds"] == {m: [e[m]] for m in e}  # one round: its rates are the medians
+    w = result["wave_tokens_per_s"]  # closed waves of the engine-alone batch over HTTP, every wave kept
+    assert set(w) == {"bd", "slora", "replicated"} and all(len(v) == 1 and min(v) > 0 for v in w.values())
+    assert result["ratios"]["HTTP waves bd / slora"] == pytest.approx(w["bd"][0] / w["slora"][0])
+    assert any(line.startswith("HTTP waves bd / slora (median round):") for line in lines)
     assert result["command"].startswith("python -m bench modes")
     assert png.stat().st_size > 1000
 
