@@ -146,7 +146,8 @@ def _worker(rank: int, args: argparse.Namespace, root: str, adapters: dict, init
         for sc in order:
             if len(sc["names"]) > args.batch:
                 make_resident(engine, args, sc["names"])
-            timed = decode_windows(engine, args, spread(sc["names"], args.batch), f"{sc['scenario']} #{round_}")
+            timed = decode_windows(engine, spread(sc["names"], args.batch), args.steps, args.windows,
+                                   f"{sc['scenario']} #{round_}")
             windows[sc["scenario"]].append(timed)
             rate = args.batch * args.steps / min(w.wall_s for w in timed)
             print(f"{sc['scenario']:<24} {rate:10.1f} tok/s", file=sys.stderr, flush=True)
@@ -233,24 +234,29 @@ def run_until(engine: Engine, done, what: str, timeout_s: float = 900) -> None:
             raise TimeoutError(f"{what} did not finish in {timeout_s} s")
 
 
-def decode_windows(engine: Engine, args: argparse.Namespace, names: list[str | None], label: str) -> list[Window]:
-    """Prefill a batch of sequences for `names`, then time --windows windows of --steps decode steps."""
+def decode_windows(engine: Engine, names: list[str | None], steps: int, windows: int, label: str,
+                   prompt: tuple[int, ...] | None = None) -> list[Window]:
+    """Prefill one sequence per entry of `names` (its adapter; prompts of 8 seeded random tokens, or
+    `prompt` for every one), then time `windows` windows of `steps` decode steps, in each of which
+    every sequence decodes; `label` names the requests (unique per call). Adapter loads and prefill
+    are not timed. Also what `bench.engine_alone` times."""
     g = torch.Generator().manual_seed(0)
     outs: dict[str, list] = {}
     for i, name in enumerate(names):
         rid = f"{label}-{i}"
         outs[rid] = []
-        prompt = tuple(torch.randint(3, 1000, (8,), generator=g).tolist())
-        params = SamplingParams(max_tokens=args.steps * args.windows + 4, temperature=0.0, ignore_eos=True)
-        engine.submit(GenerationRequest(rid, prompt, name, params), outs[rid].append)
+        tokens = prompt or tuple(torch.randint(3, 1000, (8,), generator=g).tolist())
+        params = SamplingParams(max_tokens=steps * windows + 4, temperature=0.0, ignore_eos=True)
+        engine.submit(GenerationRequest(rid, tokens, name, params), outs[rid].append)
     run_until(engine, lambda: all(outs.values()), f"{label}: prefill")  # every sequence has its first token
-    if len(engine.scheduler.running) != args.batch:
-        raise RuntimeError(f"{label}: {len(engine.scheduler.running)} of {args.batch} sequences running")
+    if len(engine.scheduler.running) != len(names):
+        raise RuntimeError(f"{label}: {len(engine.scheduler.running)} of {len(names)} sequences running; every "
+                           "sequence must decode in each timed step: raise num_pages or max_num_seqs")
     timed = []
-    for _ in range(args.windows):
+    for _ in range(windows):
         first = engine.worker.steps
         t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(args.steps):
+        for _ in range(steps):
             engine.step()
         timed.append(Window(time.perf_counter() - t0, time.process_time() - c0, (first, engine.worker.steps)))
     run_until(engine, lambda: all(o and o[-1].finished for o in outs.values()), f"{label}: drain")

@@ -3,8 +3,8 @@
 As bench/decode.py: TP plain processes over gloo, rank 0 steps the engine by hand (no thread, no Ray,
 no HTTP), rank > 0 follows. Each case is a batch given as one adapter name (or None) per sequence;
 its rate is decode tokens/s over `steps` steps in which every sequence decodes (prefill and adapter
-loads excluded), the fastest of `windows` windows of `steps` steps back to back, as bench/decode.py
-takes each round's rate: on a shared machine a window that another process slowed would otherwise
+loads excluded), the fastest of `windows` windows of `steps` steps back to back, timed by the same
+function as bench/decode.py's rounds (`bench.decode.decode_windows`), as it takes each round's rate: on a shared machine a window that another process slowed would otherwise
 flatter every ratio to it. Run it before a comparison's server starts, so that nothing else competes
 for CPU.
 """
@@ -45,40 +45,17 @@ def _worker(rank: int, tp: int, model_dir: str, adapters: dict, cases: dict, ste
     if rank > 0:
         worker.serve_forever()
     else:
+        from bench.decode import decode_windows
+
         eng = Engine(worker, load_tokenizer(model_dir), ecfg)
-        rates = {label: decode_rate(eng, names, steps, windows) for label, names in cases.items()}
+        rates = {}
+        for label, names in cases.items():
+            timed = decode_windows(eng, names, steps, windows, f"{label}-{time.monotonic_ns()}", prompt=PROMPT)
+            rates[label] = len(names) * steps / min(w.wall_s for w in timed)
         eng.stop()  # tells the other ranks to stop
         Path(result).write_text(json.dumps(rates))
     leave_world(barrier=True)
     end_spawned_rank()
-
-
-def decode_rate(engine: Any, names: list, steps: int, windows: int = 1) -> float:
-    from bdlora_ray.request import GenerationRequest, SamplingParams
-
-    outs: dict[str, list] = {}
-    for i, name in enumerate(names):
-        rid = f"{i}-{name}-{time.monotonic_ns()}"
-        outs[rid] = []
-        params = SamplingParams(max_tokens=steps * windows + 4, temperature=0.0, ignore_eos=True)
-        engine.submit(GenerationRequest(rid, PROMPT, name, params), outs[rid].append)
-    deadline = time.monotonic() + 600
-    while not all(outs.values()):  # prefill (and adapter loads) first
-        if not engine.step():
-            engine.wait_for_work(0.05)
-        if time.monotonic() > deadline:
-            raise TimeoutError("prefill did not finish")
-    if len(engine.scheduler.running) != len(names):
-        raise RuntimeError("every sequence must decode in each timed step: raise num_pages or max_num_seqs")
-    best = float("inf")
-    for _ in range(windows):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        best = min(best, time.perf_counter() - t0)
-    while not all(o and o[-1].finished for o in outs.values()):
-        engine.step()
-    return len(names) * steps / best
 
 
 def measure(model_dir: Path, adapters: dict[str, tuple[str, str]], cases: dict[str, list], tp: int,

@@ -11,6 +11,12 @@ pool, and batching requests for many adapters together. The pool is sized
 (`--pages`) so that KV blocks and the resident adapters of a batch fit; the
 rest are evicted least-recently-used.
 
+As bench/decode.py, for a shared, noisy machine: --rounds rounds, each running
+every workload once, back to back (the order reversed every other round), and
+each ratio to the base model is the median over rounds of the ratio of the
+two throughputs measured in the same round. The table shows each workload's
+median round.
+
 Anchor: S-LoRA serves 2,000 adapters at ~95% of its throughput with few
 adapters (A100, Llama-7B).
 """
@@ -18,6 +24,7 @@ adapters (A100, Llama-7B).
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -34,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--counts", default="1,10,100,1000", help="distinct adapters per run, comma-separated")
     p.add_argument("--rank", type=int, default=4, help="BD-LoRA rank of every adapter")
     p.add_argument("--pages", type=int, default=2048, help="pages per layer of each rank's unified pool")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved passes over the workloads; ratios are medians of per-round ratios")
     compare.add_workload_arguments(p, requests=96, rate=24.0)
 
 
@@ -43,24 +52,30 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--counts must be positive integers, got {args.counts!r}")
     adapters = [DemoAdapter(f"s-{k}", args.rank, True, "bd", seed=k) for k in range(max(counts))]
     server = compare.server_config(args, num_pages=args.pages)
-    runs = []
+    workloads = [0, *counts]
+    rounds: dict[int, list[dict]] = {n: [] for n in workloads}  # workload -> its run in each round
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as d, \
             compare.local_server(Path(d), adapters, server, args.progress) as served:
         compare.warm_up(served, [], args.progress)  # model code paths warm; no adapter yet
-        for n in [0, *counts]:
-            reqs = compare.workload(args, n, prefix="s")
-            used = sorted({r.adapter for r in reqs if r.adapter})
-            if used:
-                compare.load_adapters(served.url, used, progress=args.progress)
-            label = "base model" if n == 0 else f"{n} adapter{'s' * (n > 1)}"
-            res = runner.run(reqs, compare.runner_config(args, served, label))
-            runs.append({"name": label, "adapters": n, "adapters_used": len(used), **res.to_dict()})
-    base = runs[0]["summary"]["tokens_per_s"]
-    for r in runs:
-        r["vs_base"] = r["summary"]["tokens_per_s"] / base
+        for round_ in range(args.rounds):
+            for n in workloads if round_ % 2 == 0 else workloads[::-1]:
+                reqs = compare.workload(args, n, prefix="s")  # the same requests every round
+                used = sorted({r.adapter for r in reqs if r.adapter})
+                if used:
+                    compare.load_adapters(served.url, used, progress=args.progress)
+                label = "base model" if n == 0 else f"{n} adapter{'s' * (n > 1)}"
+                res = runner.run(reqs, compare.runner_config(args, served, f"{label} #{round_}"))
+                rounds[n].append({"name": label, "adapters": n, "adapters_used": len(used), **res.to_dict()})
+    runs = []
+    for n in workloads:
+        rates = [r["summary"]["tokens_per_s"] for r in rounds[n]]
+        median_round = sorted(rounds[n], key=lambda r: r["summary"]["tokens_per_s"])[len(rates) // 2]
+        ratios = [a / b["summary"]["tokens_per_s"] for a, b in zip(rates, rounds[0], strict=True)]
+        runs.append({**median_round, "rounds_tokens_per_s": rates, "vs_base": statistics.median(ratios)})
     return {
         "comparison": NAME, "anchor": ANCHOR,
         "config": {"tp": args.tp, "counts": counts, "rank": args.rank, "mode": "bd", "pages": args.pages,
+                   "rounds": args.rounds,
                    "requests": args.requests, "rate": args.rate, "cv": args.cv, "alpha": args.alpha,
                    "input_len": args.input_len, "output_len": args.output_len,
                    "model": compare.model_info(args), "device": "cpu"},
@@ -72,7 +87,8 @@ def run(args: argparse.Namespace) -> dict:
 def report(result: dict) -> list[str]:
     c = result["config"]
     lines = [f"TP={c['tp']}, BD-LoRA rank {c['rank']}, {c['requests']} requests at {c['rate']} req/s, "
-             f"popularity alpha {c['alpha']}, pool {c['pages']} pages/layer", ""]
+             f"popularity alpha {c['alpha']}, pool {c['pages']} pages/layer; {c.get('rounds', 1)} interleaved "
+             "rounds, each workload's median round shown, ratios the medians of per-round ratios", ""]
     lines += compare.run_table([{**r, "name": f"{r['name']} ({r['adapters_used']} used)" if r["adapters"] else r["name"]}
                                 for r in result["runs"]], "workload")
     lines += ["", "throughput vs the base model alone: " + ", ".join(
