@@ -170,9 +170,10 @@ class RowPlan:
     classes: tuple[ClassPlan, ...]
     identity: bool = False         # rows == arange(T): every row active and already in order
     inverse: Tensor | None = None  # (T,) int64 when every row is active, out of order: each row's plan position
-    # id(page table) -> its page runs (`_runs`), kept as long as the plan is: its slots' pages
-    # do not change while it is (see `Workspace`)
-    runs: dict[int, list] = field(default_factory=dict, compare=False, repr=False)
+    # what depends only on the plan's slots and their pages, kept as long as the plan is (its slots'
+    # pages do not change while it is, see `Workspace`): page runs by page table (`_runs`), factor
+    # views by layer and linear (`_uniform_views`)
+    memo: dict[tuple, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def take(self, t: Tensor) -> Tensor:
         """t's rows in plan order (t itself when the order is the identity)."""
@@ -305,9 +306,9 @@ def _page_runs(page_table: Tensor, plan: RowPlan) -> list[PageRun]:
 
 
 def _runs(page_table: Tensor, plan: RowPlan) -> list[PageRun]:
-    runs = plan.runs.get(id(page_table))
+    runs = plan.memo.get(("runs", id(page_table)))
     if runs is None:
-        runs = plan.runs[id(page_table)] = _page_runs(page_table, plan)
+        runs = plan.memo[("runs", id(page_table))] = _page_runs(page_table, plan)
     return runs
 
 
@@ -321,6 +322,36 @@ def _one_slot_in_place(pool: Tensor, page_table: Tensor, plan: RowPlan, cache: S
     if c.strategy != "matmul" or c.cls is None or pool.dtype != torch.float32:
         return None
     return _runs(page_table, plan)[0].first
+
+
+def _uniform_in_place(pool: Tensor, page_table: Tensor, plan: RowPlan, cache: StepCache | None
+                      ) -> PageRun | None:
+    """The page run of the batch's only class when every row is active, its slots' pages lie in
+    place and each slot has as many rows (a decode step of many adapters, one row or a few each);
+    None otherwise. Such a step's factors are (U, rows, cols) views of the pool, the same in
+    every step of the plan, so they are kept with it (`_uniform_views`)."""
+    if cache is None or cache.workspace is None or len(plan.classes) != 1 or pool.dtype != torch.float32:
+        return None
+    c = plan.classes[0]
+    if c.strategy != "padded" or not c.uniform or c.cls is None or not (plan.identity or plan.inverse is not None):
+        return None
+    run = _runs(page_table, plan)[0]
+    return run if run.first is not None else None
+
+
+def _uniform_views(kind: str, pool: Tensor, run: PageRun, plan: RowPlan, key: tuple,
+                   factors: Callable[[], list[tuple[Any, int, int, int]]]) -> list[tuple[Any, Tensor]]:
+    """Per (tag, offset, rows, cols) of `factors()`: (tag, the (U, rows, cols) factor of every slot,
+    a view of this layer's pool), kept in the plan's memo by layer and `key`."""
+    k = (kind, pool.data_ptr(), *key)
+    views = plan.memo.get(k)
+    if views is None:
+        P, U = pool.shape[1], len(plan.classes[0].slots)
+        views = plan.memo[k] = [
+            (tag, pool.as_strided((U, rows, cols), (run.stride * P, cols, 1),
+                                  pool.storage_offset() + run.first * P + offset))
+            for tag, offset, rows, cols in factors()]
+    return views
 
 
 def _factor(pool: Tensor, first: int, offset: int, rows: int, cols: int) -> Tensor:
@@ -465,6 +496,20 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
         for run, AT in views:
             run.split(x @ AT, h)
         return h
+    run = _uniform_in_place(pool, page_table, plan, cache)
+    if run is not None and x.dtype == torch.float32:
+        c = plan.classes[0]
+        U, m = len(c.slots), c.busiest
+        views = _uniform_views("shrink", pool, run, plan, (id(a_offset), id(rank)),
+                               lambda: [(r, r.offset, sum(r.ranks), d_in) for r in specs[0]])
+        xs = plan.take(x).reshape(U, m, d_in)  # rows sorted by slot, m each
+        if len(views) == 1 and views[0][0].whole(n_slices, max_rank):  # every slice at full width
+            return _in_batch_order(torch.bmm(xs, views[0][1].transpose(1, 2)).view(-1, n_slices, max_rank), plan,
+                                   cache)
+        hs = torch.zeros(T, n_slices, max_rank, dtype=torch.float32, device=x.device)
+        for r, A in views:  # A (U, width, d_in)
+            r.split(torch.bmm(xs, A.transpose(1, 2)).view(T, -1), hs)
+        return _in_batch_order(hs, plan, cache)
     bufs = _class_buffers(pool, page_table, plan, cache)
     xs = plan.take(x).float()  # (Ta, d_in)
     every_row = plan.identity or plan.inverse is not None
@@ -508,6 +553,19 @@ def lora_expand_torch(h: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
         alpha = _cached(cache, ("scale", id(plan), 0, id(scale)), lambda: float(scale[c.first_slot]))
         for s, r, o, n, BT in views:
             y[:, o:o + n].addmm_(h[:, s, :r], BT, alpha=alpha)
+        return y
+    run = _uniform_in_place(pool, page_table, plan, cache)
+    if run is not None and y.dtype == torch.float32:
+        c = plan.classes[0]
+        U, m = len(c.slots), c.busiest
+        views = _uniform_views("expand", pool, run, plan, tuple(map(id, meta)),
+                               lambda: [((s, r, o, n), off, r, n) for s, off, r, o, n in specs[0]])
+        sc = plan.memo.get(("scales", id(scale)))
+        if sc is None:  # (U, 1, 1, 1) each slot's scale; a slot's scale is fixed while the plan is kept
+            sc = plan.memo[("scales", id(scale))] = scale.index_select(0, c.slots)[:, None, None, None]
+        hc = cache.take(h, plan).reshape(U, m, -1, h.shape[2]) * sc  # (U, m, n_slices, R) scaled
+        for (s, r, o, n), BT in views:  # BT (U, r, n) as stored
+            y[:, o:o + n].add_(plan.restore(torch.bmm(hc[:, :, s, :r], BT).view(-1, n)))
         return y
     bufs = _class_buffers(pool, page_table, plan, cache)
     hs = plan.take(h) if cache is None else cache.take(h, plan)  # (Ta, n_slices, R)

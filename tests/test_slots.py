@@ -89,6 +89,7 @@ def test_a_step_takes_everything_but_its_index_from_the_tables():
     ([0] * 8, "matmul"),                                 # one adapter, every row: h is the product itself
     ([0] * 7 + [-1], "matmul"),                          # one adapter
     ([0, 1, 2, 3, 4, 5, -1, 1, 3, 5, 0, 2, 4], "padded"),  # even use: no padding at all
+    ([3, 0, 5, 1, 4, 2, 0, 1, 2, 3, 4, 5], "padded"),      # even use, every row, out of order (a decode step)
     ([0, 1, 2, 3, 4, 5, 1, 3, 0], "padded"),             # uneven use: padded
     ([0] * 10 + [1, 2, 3, 4, 5, -1], "rows"),             # skewed: gather each row's factors
 ])
