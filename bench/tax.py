@@ -11,7 +11,7 @@
    streamed waves also give TTFT and TPOT.
 3. During the batch-32 non-streamed waves, the CPU time of each serving process (psutil: the Serve
    proxy, the ingress replica, the group replica that runs rank 0, the rank > 0 worker actors, this
-   client) per generated token.
+   client) per generated token, and the group replica's split into its engine thread and the rest.
 
 The last line is `HTTP / engine at batch 32: N.NNx` (non-streamed, base model); the table has every
 batch size and variant. Run on a quiet machine: every process here shares its cores.
@@ -39,6 +39,10 @@ HELP = "engine-alone vs HTTP decode tokens/s at batch 1/8/32, and serving CPU pe
 ANCHOR = "vLLM V1 / Ray Serve LLM: the engine owns the replica; serving overhead a small share of a step"
 BATCHES = (1, 8, 32)
 ROLES = ("proxy", "ingress", "group replica (rank 0)", "rank > 0 workers", "client")
+# The group replica's CPU split by thread: the engine loop's thread (rank 0's steps; the busiest by far),
+# torch.distributed's gloo threads (its transport and work loops: rank 0's share of each step's collectives),
+# and the rest (Serve's request handling, Ray's core worker): the replica's per-request serving cost.
+SPLIT = ("group replica: engine thread", "group replica: gloo threads", "group replica: other threads")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -144,6 +148,34 @@ def _cpu_s(procs: list) -> float:
     return total
 
 
+def _thread_cpu_s(procs: list) -> dict[tuple[int, int, str], float]:
+    """CPU seconds so far of every thread of `procs` by (pid, thread id, name); empty if one has gone."""
+    import psutil
+
+    try:
+        return {(p.pid, t.id, _thread_name(p.pid, t.id)): t.user_time + t.system_time
+                for p in procs for t in p.threads()}
+    except psutil.Error:
+        return {}
+
+
+def _thread_name(pid: int, tid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()  # Linux; elsewhere every thread is "other"
+    except OSError:
+        return ""
+
+
+def _split(before: dict, after: dict, tokens: int) -> dict[str, float]:
+    """The group replica's CPU per token (us) by thread: the busiest (the engine loop), gloo's, the others."""
+    used = sorted(((after[k] - before.get(k, 0.0), k[2]) for k in after), reverse=True)
+    if not before or not used:
+        return dict.fromkeys(SPLIT, float("nan"))
+    gloo = sum(t for t, name in used[1:] if "gloo" in name)
+    return dict(zip(SPLIT, (1e6 * used[0][0] / tokens, 1e6 * gloo / tokens,
+                            1e6 * (sum(t for t, _ in used[1:]) - gloo) / tokens)))
+
+
 def _ramp(waves: list[tuple[float, float, list[dict]]]) -> dict:
     """From the engine's step timeline (same machine: one monotonic clock), per wave: when its first and
     last requests reached the engine, and how many forward steps it took (the tokens need `--tokens`);
@@ -174,12 +206,14 @@ def over_http(args: argparse.Namespace, served: compare.Served,
                            "ignore_eos": True} for i in range(b)]
                 measure = b == max(args.batches) and not stream
                 before: dict[str, float] = {}
+                threads: dict[tuple[int, int, str], float] = {}
 
                 def on_start() -> None:  # the processes as they are now (Serve may have replaced one)
                     if measure:
                         procs.clear()
                         procs.update(serving_processes())
                         before.update({r: _cpu_s(ps) for r, ps in procs.items()})
+                        threads.update(_thread_cpu_s(procs["group replica (rank 0)"]))
 
                 waves = asyncio.run(_waves(served.url, bodies, stream, args.waves, on_start))
                 walls, tokens, ttft, tpot = [], 0, [], []
@@ -193,6 +227,7 @@ def over_http(args: argparse.Namespace, served: compare.Served,
                                 tpot.append((x["done_s"] - x["first_s"]) / (x["tokens"] - 1))
                 if measure:
                     cpu[variant] = {r: 1e6 * (_cpu_s(ps) - before[r]) / tokens for r, ps in procs.items()}
+                    cpu[variant].update(_split(threads, _thread_cpu_s(procs["group replica (rank 0)"]), tokens))
                     ramps[variant] = _ramp(waves)
                 rows.append({"batch": b, "variant": variant, "stream": stream, "tokens_per_s": tokens / sum(walls),
                              "ttft_ms_p50": 1e3 * percentile(ttft, 50) if ttft else None,
@@ -246,7 +281,8 @@ def report(result: dict) -> list[str]:
     cpu = result["cpu_us_per_token"]
     if cpu:
         lines += ["", f"CPU time per generated token (us), batch {max(c['batches'])}, not streamed:", ""]
-        lines += compare.markdown_table(["process", *cpu], [[role, *(cpu[v][role] for v in cpu)] for role in ROLES])
+        lines += compare.markdown_table(["process", *cpu], [[role, *(cpu[v][role] for v in cpu)]
+                                                                  for role in (*ROLES, *SPLIT)])
     for variant, r in result.get("wave_ramp", {}).items():
         lines += ["", f"batch {max(c['batches'])}, {variant}, not streamed (median wave): first request at the engine "
                       f"+{r['first_submit_ms']:.0f} ms, last +{r['last_submit_ms']:.0f} ms; {r['steps']:.0f} forward "

@@ -360,6 +360,11 @@ def test_tax_comparison_end_to_end_tiny(tmp_path):
                                                             abs=0.005)
     cpu = result["cpu_us_per_token"]["base"]
     # Every serving process was found and measured; rank 0 does the engine's work in the group replica.
-    assert set(cpu) == {"proxy", "ingress", "group replica (rank 0)", "rank > 0 workers", "client"}
+    assert set(cpu) == {"proxy", "ingress", "group replica (rank 0)", "rank > 0 workers", "client",
+                        "group replica: engine thread", "group replica: gloo threads", "group replica: other threads"}
     assert cpu["group replica (rank 0)"] > 0 and cpu["rank > 0 workers"] > 0
+    # Its split by thread: each part measured, neither more than the whole process (same kernel counters,
+    # read a moment apart).
+    split = [cpu[f"group replica: {part}"] for part in ("engine thread", "gloo threads", "other threads")]
+    assert all(0 < v <= 1.05 * cpu["group replica (rank 0)"] for v in split)
     assert png.stat().st_size > 1000
