@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-batch", type=int, default=16,
                    help="batch of the engine-alone measurement (over the mode's adapters) in the same run")
     p.add_argument("--engine-steps", type=int, default=16, help="timed decode steps of the engine-alone measurement")
-    p.add_argument("--engine-rounds", type=int, default=3,
+    p.add_argument("--engine-rounds", type=int, default=5,
                    help="rounds of the engine-alone measurement (one batch per mode, ABC CBA ... order)")
     p.add_argument("--wave-rounds", type=int, default=6,
                    help="rounds of closed HTTP waves (one per mode, --engine-batch requests each)")
