@@ -8,7 +8,8 @@ ranks (adapters of one rank and targets). Per layer and class, the used
 slots' pages form one (U_c, pages * P) buffer in which each factor of every
 slot is a strided view: a view of the pool itself when the slots' pages lie
 at a regular stride (one adapter in consecutive pages, the common case), else
-one gather into a reused workspace. Per class and call, one batched product
+one gather, kept across the steps that repeat the batch's index (within a
+memory budget, see `Workspace`) or into a reused workspace. Per class and call, one batched product
 serves all its rows, in whichever of three shapes is cheapest (`strategy`):
 
 - "matmul": one slot: x_c @ A.T, a plain GEMM (Punica SGMV with one segment);
@@ -60,20 +61,42 @@ class Workspace:
     calls `slots_changed` when a slot's row changes and `forget` when it replaces the tables."""
 
     MAX_PLANS = 64  # index compositions kept; serving makes a new one whenever a sequence joins or leaves
+    # Gathered pages (classes not lying at a regular stride) kept across steps, for one plan at a time
+    # (a decode step repeats its plan): a copy of those pages in every layer, up to this many bytes.
+    GATHER_BUDGET = 64 * 2**20
 
     def __init__(self) -> None:
         self._flat = torch.empty(0)
         self.specs: dict[tuple, Any] = {}
         self.plans: dict[tuple, Any] = {}
+        self._gathers_of: Any = None               # the plan whose gathered pages are kept
+        self._gathers: dict[int, list[Tensor]] = {}  # its class buffers by layer (the layer pool's data_ptr)
+        self._gather_bytes = 0
 
     def forget(self) -> None:
         """Drop everything read from the tables: they are gone (keys hold their ids)."""
         self.specs.clear()
-        self.plans.clear()
+        self.slots_changed()
 
     def slots_changed(self) -> None:
-        """Drop the plans and page runs: a slot's class, pages or first page may have changed."""
+        """Drop the plans, page runs and kept gathers: a slot's class, pages, first page or
+        weights may have changed."""
         self.plans.clear()
+        self._gathers_of, self._gathers, self._gather_bytes = None, {}, 0
+
+    def kept_gathers(self, plan: Any, layer: int) -> list[Tensor] | None:
+        return self._gathers.get(layer) if plan is self._gathers_of else None
+
+    def can_keep_gathers(self, plan: Any, nbytes: int) -> bool:
+        """Whether `plan`'s gathered pages of one more layer (nbytes) may be kept; the first call for
+        another plan drops the kept ones."""
+        if plan is not self._gathers_of:
+            self._gathers_of, self._gathers, self._gather_bytes = plan, {}, 0
+        return self._gather_bytes + nbytes <= self.GATHER_BUDGET
+
+    def keep_gathers(self, plan: Any, layer: int, buffers: list[Tensor], nbytes: int) -> None:
+        self._gathers[layer] = buffers
+        self._gather_bytes += nbytes
 
     def plan(self, key: tuple, make: Callable[[], Any]) -> Any:
         value = self.plans.get(key)
@@ -170,6 +193,7 @@ class RowPlan:
     classes: tuple[ClassPlan, ...]
     identity: bool = False         # rows == arange(T): every row active and already in order
     inverse: Tensor | None = None  # (T,) int64 when every row is active, out of order: each row's plan position
+    kept: bool = False             # kept across steps by a workspace (see `Workspace.plans`)
     # what depends only on the plan's slots and their pages, kept as long as the plan is (its slots'
     # pages do not change while it is, see `Workspace`): page runs by page table (`_runs`), factor
     # views by layer and linear (`_uniform_views`)
@@ -271,7 +295,7 @@ def _plan(idx: Tensor, page_table: Tensor, meta: tuple[Tensor, ...], cache: Step
         if not given or cache.workspace is None:
             return build(i)
         key = (i.numpy().tobytes(), id(cache.slot_class), id(cache.slot_pages), id(cache.slot_first))
-        return cache.workspace.plan(key, lambda: build(i))
+        return cache.workspace.plan(key, lambda: replace(build(i), kept=True))
 
     if cache is None:
         return make()
@@ -370,8 +394,16 @@ def _class_buffers(pool: Tensor, page_table: Tensor, plan: RowPlan, cache: StepC
         P = pool.shape[1]
         gathered = [c for c, run in zip(plan.classes, runs) if run.first is None]
         ws = cache.workspace if cache is not None else None
-        flat = ws.take(sum(len(c.slots) * c.pages * P for c in gathered), pool.dtype, pool.device) \
-            if ws is not None and gathered else None
+        layer, numel = pool.data_ptr(), sum(len(c.slots) * c.pages * P for c in gathered)
+        if ws is not None and plan.kept and gathered:
+            kept = ws.kept_gathers(plan, layer)
+            if kept is not None:
+                return kept
+            keep = ws.can_keep_gathers(plan, numel * pool.element_size())
+        else:
+            keep = False
+        # kept gathers are fresh tensors; others go to the workspace's memory, reused by the next layer
+        flat = ws.take(numel, pool.dtype, pool.device) if ws is not None and gathered and not keep else None
         out, at = [], 0
         for c, run in zip(plan.classes, runs):
             U, width = len(c.slots), c.pages * P
@@ -383,6 +415,8 @@ def _class_buffers(pool: Tensor, page_table: Tensor, plan: RowPlan, cache: StepC
                 buf = torch.index_select(pool, 0, run.ids, out=flat[at:at + U * width].view(-1, P))
                 at += U * width
             out.append(buf.view(U, width).float())
+        if keep:
+            ws.keep_gathers(plan, layer, out, numel * pool.element_size())
         return out
 
     if cache is None:

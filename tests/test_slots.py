@@ -132,31 +132,43 @@ def test_torch_product_shapes_match_the_reference(rows, want, pages):
 
 
 def test_a_repeated_index_reuses_its_plan_until_a_slot_changes():
-    """Decode steps repeat one index: the second step finds the first's row plan (and page runs);
-    after a slot's adapter is replaced by one of another rank and page count, the same index
-    gets a new plan, and both steps' results are the reference's."""
+    """Decode steps repeat one index: the second step finds the first's row plan (and page runs,
+    and the gathered pages of slots not lying at a regular stride); after a slot's adapter is
+    replaced, by one of the same rank (new weights in the same slot and class) or of another
+    rank, the same index gets a new plan, and every step's results are the reference's."""
     pool, tables = make_pool(3000)
-    for i in range(2):
-        meta, shard = make_shard(16, seed=i, tp_rank=1)
-        pool.load_adapter(f"a{i}", shard, meta)
-    idx = torch.tensor([1, 0, 1, 0, -1, 1], dtype=torch.int32)
+    for i, name in enumerate(("a0", "other", "a1", "a2")):  # a0, a1, a2 of one class, not at one stride
+        meta, shard = make_shard(8 if name == "other" else 16, seed=i, tp_rank=1)
+        pool.load_adapter(name, shard, meta)
+    slots = [pool.adapter(n).slot for n in ("a0", "a1", "a2")]
+    idx = torch.tensor([slots[r] for r in (1, 0, 2, 1, 0, 2)] + [-1], dtype=torch.int32)
     x = torch.randn(len(idx), CFG.hidden_size, generator=torch.Generator().manual_seed(0))
 
-    def step() -> object:
+    def step(gathered: bool = True) -> object:
         batch = LoraBatch.from_tables(tables, idx, pool.data)
         g = batch.groups["gate_up"]
-        args = (pool.data[0], batch.page_table, batch.idx, g.a_offset, g.rank_a, g.width)
-        torch.testing.assert_close(lora_shrink_torch(x, *args, batch.segments), lora_shrink_ref(x, *args),
-                                   rtol=1e-5, atol=1e-5)
-        return _plan(batch.idx, batch.page_table, (g.a_offset, g.rank_a), batch.segments)
+        for layer in range(CFG.num_layers):
+            args = (pool.data[layer], batch.page_table, batch.idx, g.a_offset, g.rank_a, g.width)
+            torch.testing.assert_close(lora_shrink_torch(x, *args, batch.segments), lora_shrink_ref(x, *args),
+                                       rtol=1e-5, atol=1e-5)
+        plan = _plan(batch.idx, batch.page_table, (g.a_offset, g.rank_a), batch.segments)
+        if gathered:  # one class, its pages gathered
+            assert [run.first is None for run in _page_runs(batch.page_table, plan)] == [True]
+        return plan
 
     first = step()
     assert step() is first
+    pool.evict_adapter("a2")
+    meta, shard = make_shard(16, seed=7, tp_rank=1)  # same class, other weights, a2's slot
+    pool.load_adapter("b", shard, meta)
+    assert pool.adapter("b").slot == slots[2]
+    second = step()
+    assert second is not first and step() is second
     pool.evict_adapter("a1")
     meta, shard = make_shard(8, seed=5, tp_rank=1)
-    pool.load_adapter("b", shard, meta)
-    assert pool.adapter("b").slot == 1
-    assert step() is not first
+    pool.load_adapter("c", shard, meta)
+    assert pool.adapter("c").slot == slots[1]
+    assert step(gathered=False) is not second
 
 
 @pytest.fixture(scope="module")
