@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -363,8 +364,10 @@ def test_tax_comparison_end_to_end_tiny(tmp_path):
     assert set(cpu) == {"proxy", "ingress", "group replica (rank 0)", "rank > 0 workers", "client",
                         "group replica: engine thread", "group replica: gloo threads", "group replica: other threads"}
     assert cpu["group replica (rank 0)"] > 0 and cpu["rank > 0 workers"] > 0
-    # Its split by thread: each part measured, neither more than the whole process (same kernel counters,
-    # read a moment apart).
+    # Its split by thread: each part measured (the kernel counts thread time in 10 ms ticks, so in a run
+    # this small a quiet thread may read 0 and the parts may round past the whole by a tick or two), the
+    # engine thread busy, and the parts one process's threads, not several processes'.
     split = [cpu[f"group replica: {part}"] for part in ("engine thread", "gloo threads", "other threads")]
-    assert all(0 < v <= 1.05 * cpu["group replica (rank 0)"] for v in split)
+    assert all(math.isfinite(v) and v >= 0 for v in split) and split[0] > 0
+    assert sum(split) <= 1.5 * cpu["group replica (rank 0)"]
     assert png.stat().st_size > 1000
