@@ -38,6 +38,7 @@ from its own metadata (same results).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -62,7 +63,8 @@ class Workspace:
 
     MAX_PLANS = 64  # index compositions kept; serving makes a new one whenever a sequence joins or leaves
     # Gathered pages (classes not lying at a regular stride) kept across steps, for one plan at a time
-    # (a decode step repeats its plan): a copy of those pages in every layer, up to this many bytes.
+    # (a decode step repeats its plan) from its second step on: a copy of those pages in every layer,
+    # up to this many bytes.
     GATHER_BUDGET = 64 * 2**20
 
     def __init__(self) -> None:
@@ -112,6 +114,9 @@ class Workspace:
         return self._flat[:numel]
 
 
+_STEP_SERIALS = itertools.count()
+
+
 class StepCache:
     """What every layer of one batch shares on the torch path: its row plan and, per layer,
     the class buffers. Computed at the first layer, reused by the others. Entries are keyed
@@ -128,6 +133,7 @@ class StepCache:
                  workspace: Workspace | None = None, slot_first: Tensor | None = None) -> None:
         self.slot_class, self.slot_pages, self.slot_first = slot_class, slot_pages, slot_first
         self.workspace = workspace
+        self.serial = next(_STEP_SERIALS)  # tells one step's cache from another's
         self._entries: dict[tuple, Any] = {}
         self._latest: dict[str, tuple[tuple, Any]] = {}
         self._shrunk: tuple[int, int, Tensor] | None = None  # (id(h), id(plan), h in plan order): the last shrink's
@@ -399,7 +405,10 @@ def _class_buffers(pool: Tensor, page_table: Tensor, plan: RowPlan, cache: StepC
             kept = ws.kept_gathers(plan, layer)
             if kept is not None:
                 return kept
-            keep = ws.can_keep_gathers(plan, numel * pool.element_size())
+            # from the plan's second step on: a plan used once (a batch changing every step) gathers
+            # into the reused memory, as before, rather than into fresh tensors
+            first_step = plan.memo.setdefault("first step", cache.serial)
+            keep = first_step != cache.serial and ws.can_keep_gathers(plan, numel * pool.element_size())
         else:
             keep = False
         # kept gathers are fresh tensors; others go to the workspace's memory, reused by the next layer
