@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 
 @dataclass
@@ -45,6 +46,29 @@ class _PagedPlan:
 
 
 def _plan(meta: AttentionMeta, device: torch.device) -> _PagedPlan:
+    if meta.seq_lens and all(n == 1 for n in meta.seq_lens):
+        return _decode_plan(meta, device)
+    return _rows_plan(meta, device)
+
+
+def _decode_plan(meta: AttentionMeta, device: torch.device) -> _PagedPlan:
+    """A step of decodes only (one new row per sequence): the plan from the padded block tables in a
+    few tensor ops, no Python per sequence; the same tensors as `_rows_plan` builds."""
+    b, D = meta.block_size, len(meta.seq_lens)
+    totals = torch.tensor(meta.context_lens, dtype=torch.long, device=device) + 1           # (D,)
+    pages = pad_sequence(list(meta.page_tables), batch_first=True).to(device, torch.long)   # (D, P)
+    pos = torch.arange(int(totals.max()), device=device)                                    # (L,)
+    own = pos[None] < totals[:, None]                                                       # (D, L)
+    at = (pos // b).clamp(max=pages.shape[1] - 1).expand(D, -1)
+    read_page = torch.where(own, pages.gather(1, at), 0)
+    read_slot = torch.where(own, (pos % b).expand(D, -1), 0)
+    rows = torch.arange(D, device=device)
+    return _PagedPlan(read_page[rows, totals - 1], (totals - 1) % b, rows, read_page, read_slot,
+                      own[:, None, None, :], [])
+
+
+def _rows_plan(meta: AttentionMeta, device: torch.device) -> _PagedPlan:
+    """Any step (prefill pieces, prefix hits, decodes), sequence by sequence."""
     b = meta.block_size
     write_page, write_slot, decode_rows, reads, prefill = [], [], [], [], []
     row = 0

@@ -3,18 +3,24 @@ unpaged K/V of each whole sequence."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from bdlora_ray.attention import AttentionMeta, attend
+from bdlora_ray.attention import AttentionMeta, _decode_plan, _rows_plan, attend
 
 NH, NKV, HD, BLOCK = 4, 2, 8, 4
 
 
-def test_paged_step_of_decodes_and_prefills_equals_causal_attention_over_whole_sequences():
+# (tokens already cached, new rows): decodes of different context lengths, prefills, a chunk after a cache;
+# then a step of decodes only (the plan built from the padded block tables), one at a page's last slot.
+MIXED = [(0, 5), (6, 1), (1, 1), (13, 1), (0, 1), (7, 3), (30, 1)]
+DECODES = [(6, 1), (1, 1), (13, 1), (0, 1), (30, 1), (3, 1), (15, 1)]
+
+
+@pytest.mark.parametrize("seqs", [MIXED, DECODES], ids=["mixed", "decodes"])
+def test_paged_step_of_decodes_and_prefills_equals_causal_attention_over_whole_sequences(seqs):
     g = torch.Generator().manual_seed(0)
-    # (tokens already cached, new rows): decodes of different context lengths, prefills, a chunk after a cache
-    seqs = [(0, 5), (6, 1), (1, 1), (13, 1), (0, 1), (7, 3), (30, 1)]
     num_pages = 64
     kv = [torch.zeros(num_pages, 2, BLOCK, NKV, HD) for _ in range(2)]
     free = torch.randperm(num_pages, generator=g).tolist()  # pages scattered, out of order
@@ -55,3 +61,19 @@ def test_unpaged_attention_of_several_sequences_equals_causal_sdpa_of_each():
     out = attend(q, k, v, AttentionMeta(lens), 0)
     want = torch.cat([causal_sdpa(*(t.split(lens)[i] for t in (q, k, v))) for i in range(len(lens))])
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_of_decodes_plans_as_sequence_by_sequence():
+    """The decode-only plan (tensor ops over the padded block tables) is the per-sequence plan, tensor
+    for tensor: page tables of different lengths, with pages allocated ahead, scattered."""
+    g = torch.Generator().manual_seed(1)
+    cached = [0, 3, 4, 17, 9, 31, 2]
+    free = torch.randperm(200, generator=g).tolist()
+    tables = [torch.tensor([free.pop() for _ in range(c // BLOCK + 1 + extra)], dtype=torch.int32)
+              for c, extra in zip(cached, [0, 2, 0, 1, 0, 3, 1])]
+    meta = AttentionMeta([1] * len(cached), cached, tables, [torch.zeros(200, 2, BLOCK, NKV, HD)], BLOCK)
+    fast, slow = _decode_plan(meta, torch.device("cpu")), _rows_plan(meta, torch.device("cpu"))
+    for name in ("write_page", "write_slot", "decode_rows", "read_page", "read_slot", "read_mask"):
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert fast.prefill == slow.prefill == []
