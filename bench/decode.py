@@ -63,6 +63,7 @@ from bdlora_ray.request import GenerationRequest, SamplingParams
 from bdlora_ray.synthetic import random_adapter, write_peft_adapter, write_random_checkpoint
 from bdlora_ray.tokenizer import load_tokenizer
 from bdlora_ray.worker import LocalShardSource, StepChannel, TPWorker
+from bench.runner import median_ratio
 
 DEFAULT_JSON = Path(__file__).parent / "out" / "decode.json"
 MODES = ("bd", "slora", "replicated")
@@ -265,7 +266,7 @@ def decode_windows(engine: Engine, names: list[str | None], steps: int, windows:
 
 def per_round_ratio(row: dict, ref: dict, key: str = "rounds") -> float:
     """Median over rounds of row's rate / ref's rate in the same round (noise of one round hits both)."""
-    return statistics.median(a / b for a, b in zip(row[key], ref[key], strict=True))
+    return median_ratio(row[key], ref[key])
 
 
 def ratios(rows: list[dict]) -> list[dict]:

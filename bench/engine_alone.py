@@ -4,8 +4,8 @@ As bench/decode.py: TP plain processes over gloo, rank 0 steps the engine by han
 no HTTP), rank > 0 follows. Each case is a batch given as one adapter name (or None) per sequence;
 its rate is decode tokens/s over `steps` steps in which every sequence decodes (prefill and adapter
 loads excluded), the fastest of `windows` windows of `steps` steps back to back, timed by the same
-function as bench/decode.py's rounds (`bench.decode.decode_windows`), as it takes each round's rate: on a shared machine a window that another process slowed would otherwise
-flatter every ratio to it. Run it before a comparison's server starts, so that nothing else competes
+function as bench/decode.py's rounds (`bench.decode.decode_windows`), as it takes each round's rate:
+on a shared machine a window that another process slowed would otherwise flatter every ratio to it. Run it before a comparison's server starts, so that nothing else competes
 for CPU.
 """
 

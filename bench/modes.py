@@ -114,8 +114,8 @@ def run(args: argparse.Namespace) -> dict:
                                             args.wave_rounds))
     merged = {m: runner.merge(rs, m, compare.slo(args)) for m, rs in runs.items()}
     tps = {m: r.summary["tokens_per_s"] for m, r in merged.items()}
-    wave_ratio = median_ratio(waves["bd"], waves["slora"])
-    engine_ratio = {m: median_ratio(engine_rounds["bd"], engine_rounds[m]) for m in ("slora", "replicated")}
+    wave_ratio = runner.median_ratio(waves["bd"], waves["slora"])
+    engine_ratio = {m: runner.median_ratio(engine_rounds["bd"], engine_rounds[m]) for m in ("slora", "replicated")}
     return {
         "comparison": NAME, "anchor": ANCHOR,
         "config": {"tp": args.tp, "adapters_per_mode": args.adapters, "lora_rank": args.lora_rank,
@@ -138,11 +138,6 @@ def run(args: argparse.Namespace) -> dict:
                    "HTTP waves bd / slora": wave_ratio,
                    "HTTP waves bd/slora / engine bd/slora": wave_ratio / engine_ratio["slora"]},
     }
-
-
-def median_ratio(a: list[float], b: list[float]) -> float:
-    """The median over rounds of a[k] / b[k]."""
-    return runner.percentile([x / y for x, y in zip(a, b)], 50)
 
 
 async def wave_rounds(url: str, batches: dict[str, list[str]], tokens: int, rounds: int) -> dict[str, list[float]]:

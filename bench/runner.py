@@ -29,6 +29,7 @@ import asyncio
 import json
 import logging
 import math
+import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -115,6 +116,12 @@ def percentile(values: list[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """The median over rounds of a[k] / b[k] (rates measured in the same round k): the noise of one
+    round of a shared machine hits both sides of its ratio."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def distribution(values: list[float]) -> dict[str, float]:

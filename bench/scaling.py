@@ -24,7 +24,6 @@ adapters (A100, Llama-7B).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -70,8 +69,8 @@ def run(args: argparse.Namespace) -> dict:
     for n in workloads:
         rates = [r["summary"]["tokens_per_s"] for r in rounds[n]]
         median_round = sorted(rounds[n], key=lambda r: r["summary"]["tokens_per_s"])[len(rates) // 2]
-        ratios = [a / b["summary"]["tokens_per_s"] for a, b in zip(rates, rounds[0], strict=True)]
-        runs.append({**median_round, "rounds_tokens_per_s": rates, "vs_base": statistics.median(ratios)})
+        base = [r["summary"]["tokens_per_s"] for r in rounds[0]]
+        runs.append({**median_round, "rounds_tokens_per_s": rates, "vs_base": runner.median_ratio(rates, base)})
     return {
         "comparison": NAME, "anchor": ANCHOR,
         "config": {"tp": args.tp, "counts": counts, "rank": args.rank, "mode": "bd", "pages": args.pages,
