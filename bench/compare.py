@@ -68,6 +68,7 @@ class ServerConfig:
     engine: tuple[tuple[str, Any], ...] = ()     # EngineConfig overrides, (field, value)
     push_workers: int = 8                        # parallel adapter uploads
     ray_temp_dir: str = "/tmp/bdlora-bench"
+    front: str = "python"                        # Serve's HTTP front (deploy/cluster_env.py)
     startup_timeout_s: float = 300.0
 
     def engine_setting(self, name: str, default: Any) -> Any:
@@ -148,6 +149,7 @@ def local_server(workdir: Path, adapters: Sequence[DemoAdapter], server: ServerC
     from ray import serve
 
     from deploy import build_app
+    from deploy.cluster_env import cluster_env
     from bdlora_ray.spec import EngineConfig, GroupConfig
     from deploy.config import AppConfig, ScalingConfig, without_credentials
     for name in ("ray", "ray.serve", "werkzeug", "botocore", "urllib3", "httpx", "httpcore"):
@@ -164,7 +166,7 @@ def local_server(workdir: Path, adapters: Sequence[DemoAdapter], server: ServerC
                            max_ongoing_requests=4096, env_vars=without_credentials(s3_env))
         config = AppConfig(group=spec, scaling=ScalingConfig(min_groups=1, max_groups=1))
         port = free_port()
-        with mock.patch.dict(os.environ, _RAY_ENV):
+        with mock.patch.dict(os.environ, {**_RAY_ENV, **cluster_env(server.front)}):
             ray.init(address="local", num_cpus=server.ray_cpus, include_dashboard=False, log_to_driver=False,
                      _temp_dir=server.ray_temp_dir, _node_ip_address="127.0.0.1")
         try:

@@ -70,13 +70,19 @@ def draw_cold(ax, result: dict) -> None:
 
 def draw_tax(ax, result: dict) -> None:
     rows = result["http"]
-    labels = [f"{r['batch']} {r['variant']}\n{'SSE' if r['stream'] else 'JSON'}" for r in rows]
+    fronts = result["config"]["fronts"]
+    labels = [(f"{r['front']}\n" if len(fronts) > 1 else "") + f"{r['batch']} {r['variant']}\n"
+              f"{'SSE' if r['stream'] else 'JSON'}" for r in rows]
     _bars(ax, labels, [r["http_over_engine"] for r in rows], "HTTP tok/s / engine-alone tok/s", "", fmt="{:.2f}")
     ax.axhline(0.8, color="gray", ls="--", lw=1)
-    ax.tick_params(axis="x", labelsize=6)
+    ax.tick_params(axis="x", labelsize=5 if len(fronts) > 1 else 6)
     b = max(result["config"]["batches"])
-    ax.set_title(f"serving tax: HTTP / engine at batch {b} {result['ratios'][f'HTTP / engine at batch {b} (base)']:.2f}x"
-                 f" (base), {result['ratios'][f'HTTP / engine at batch {b} (mixed)']:.2f}x (mixed)", fontsize=9)
+    title = []
+    for front in fronts:
+        mine = {(r["variant"]): r["http_over_engine"] for r in rows
+                if r["front"] == front and r["batch"] == b and not r["stream"]}
+        title.append(f"{front} front {mine['base']:.2f}x (base), {mine['mixed']:.2f}x (mixed)")
+    ax.set_title(f"serving tax, HTTP / engine at batch {b}: " + "; ".join(title), fontsize=8)
 
 
 DRAW = {"modes": draw_modes, "scaling": draw_scaling, "peft": draw_peft, "cold": draw_cold, "tax": draw_tax}

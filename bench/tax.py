@@ -9,12 +9,16 @@
    runs one untimed wave, then `--waves` timed ones, through one client whose connections stay open
    between waves (as an OpenAI client's pool does). Tokens/s of a wave = its tokens / its wall time;
    streamed waves also give TTFT and TPOT.
-3. During the batch-32 non-streamed waves, the CPU time of each serving process (psutil: the Serve
-   proxy, the ingress replica, the group replica that runs rank 0, the rank > 0 worker actors, this
+   Step 2 runs once per HTTP front (`--fronts`, deploy/cluster_env.py): Serve's Python proxy (the
+   default) and HAProxy (Serve's HAProxy mode: HAProxy in front of the ingress replicas' own HTTP
+   servers), each on a server of its own, against the same engine-alone figures.
+3. During the batch-32 non-streamed waves, the CPU time of each serving process (psutil: the HTTP
+   front (the Serve proxy; or HAProxy and its manager actor), the ingress replica, the group replica that runs rank 0, the rank > 0 worker actors, this
    client) per generated token, and the group replica's split into its engine thread and the rest.
 
-The last line is `HTTP / engine at batch 32: N.NNx` (non-streamed, base model); the table has every
-batch size and variant. Run on a quiet machine: every process here shares its cores.
+The last line is `HTTP / engine at batch 32: N.NNx` (non-streamed, base model, the default front);
+the lines above it give mixed adapters and the other front; the table has every front, batch size
+and variant. Run on a quiet machine: every process here shares its cores.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import asyncio
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +37,7 @@ import aiohttp
 from bench import compare
 from bench.engine_alone import measure as engine_alone_measure
 from bench.runner import percentile
+from deploy.cluster_env import FRONTS
 from deploy.seed import DemoAdapter
 
 NAME = "tax"
@@ -53,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--waves", type=int, default=3, help="timed waves per batch size and variant")
     p.add_argument("--steps", type=int, default=24, help="timed engine-alone decode steps per batch size")
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    p.add_argument("--fronts", nargs="+", choices=FRONTS, default=list(FRONTS),
+                   help="Serve's HTTP fronts to measure, each on a server of its own (deploy/cluster_env.py)")
 
 
 # ---- 1. engine alone ------------------------------------------------------------------------------
@@ -122,7 +130,7 @@ def serving_processes() -> dict[str, list]:
     roles: dict[str, list] = {r: [] for r in ROLES}
     for p in psutil.process_iter(["cmdline"]):
         title = " ".join(p.info["cmdline"] or ())
-        if "ProxyActor" in title:
+        if "ProxyActor" in title or "HAProxyManager" in title or title.split(" ", 1)[0].endswith("/haproxy"):
             roles["proxy"].append(p)
         elif "ServeReplica" in title and "Ingress" in title:
             roles["ingress"].append(p)
@@ -132,6 +140,17 @@ def serving_processes() -> dict[str, list]:
             roles["rank > 0 workers"].append(p)
     roles["client"].append(psutil.Process())
     return roles
+
+
+def listeners(port: int) -> list[str]:
+    """The names of the processes listening on TCP `port` here (which front holds the HTTP port)."""
+    import psutil
+
+    names = set()
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
+            names.add(psutil.Process(c.pid).name())
+    return sorted(names)
 
 
 def _cpu_s(procs: list) -> float:
@@ -240,32 +259,45 @@ def over_http(args: argparse.Namespace, served: compare.Served,
 
 def run(args: argparse.Namespace) -> dict:
     specs = [DemoAdapter(f"tax-{k}", args.rank, True, "bd", seed=3000 + k) for k in range(args.adapters)]
+    http_rows, cpu, ramps, listening = [], {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-tax-") as d:
         model_dir, peft_dirs = compare.write_files(Path(d), specs, args.tp, args.model)
         engine_rows = engine_alone(args, model_dir, peft_dirs)  # before the server: nothing else running
-        server = compare.server_config(args, num_pages=2048)
-        with compare.local_server(Path(d), specs, server, args.progress) as served:
-            compare.warm_up(served, [a.name for a in specs], args.progress)
-            http_rows, cpu, ramps = over_http(args, served, [a.name for a in specs])
+        for front in args.fronts:  # one server each, one after the other, against the same engine figures
+            server = replace(compare.server_config(args, num_pages=2048), front=front)
+            with compare.local_server(Path(d), specs, server, args.progress) as served:
+                compare.warm_up(served, [a.name for a in specs], args.progress)
+                rows, cpu[front], ramps[front] = over_http(args, served, [a.name for a in specs])
+                listening[front] = listeners(int(served.url.rsplit(":", 1)[1]))
+            http_rows += [{"front": front, **r} for r in rows]
     engine = {(r["batch"], r["variant"]): r["tokens_per_s"] for r in engine_rows}
     for r in http_rows:
         r["engine_tokens_per_s"] = engine[(r["batch"], r["variant"])]
         r["http_over_engine"] = r["tokens_per_s"] / r["engine_tokens_per_s"]
     b = max(args.batches)
-    ratio = {v: next(r["http_over_engine"] for r in http_rows if r["batch"] == b and r["variant"] == v
-                     and not r["stream"]) for v in ("base", "mixed")}
-    single = next((r for r in http_rows if r["batch"] == 1 and r["variant"] == "base" and r["stream"]), None)
     step_ms = 1e3 / engine[(1, "base")] if (1, "base") in engine else None
+    ratios = {}
+    for front in args.fronts:
+        mine = [r for r in http_rows if r["front"] == front]
+        for v in ("base", "mixed"):
+            ratios[f"HTTP / engine at batch {b} ({v}{_behind(front)})"] = next(
+                r["http_over_engine"] for r in mine if r["batch"] == b and r["variant"] == v and not r["stream"])
+        single = next((r for r in mine if r["batch"] == 1 and r["variant"] == "base" and r["stream"]), None)
+        if single and single["tpot_ms_p50"] and step_ms:
+            ratios[f"single-request TPOT / engine batch-1 step{_behind(front)}"] = single["tpot_ms_p50"] / step_ms
     return {
         "comparison": NAME, "anchor": ANCHOR,
         "config": {"tp": args.tp, "adapters": args.adapters, "rank": args.rank, "tokens": args.tokens,
-                   "waves": args.waves, "batches": args.batches, "model": compare.model_info(args), "device": "cpu"},
-        "engine": engine_rows, "http": http_rows, "cpu_us_per_token": cpu, "wave_ramp": ramps,
-        "ratios": {f"HTTP / engine at batch {b} (base)": ratio["base"],
-                   f"HTTP / engine at batch {b} (mixed)": ratio["mixed"],
-                   **({"single-request TPOT / engine batch-1 step": single["tpot_ms_p50"] / step_ms}
-                      if single and single["tpot_ms_p50"] and step_ms else {})},
+                   "waves": args.waves, "batches": args.batches, "fronts": args.fronts,
+                   "model": compare.model_info(args), "device": "cpu"},
+        "engine": engine_rows, "http": http_rows, "cpu_us_per_token": cpu, "wave_ramp": ramps, "ratios": ratios,
+        "front_processes": listening,
     }
+
+
+def _behind(front: str) -> str:
+    """How a ratio's name tells the front: nothing for the default (Python proxy), ", behind HAProxy" else."""
+    return "" if front == FRONTS[0] else f", behind {front}"
 
 
 def report(result: dict) -> list[str]:
@@ -273,24 +305,32 @@ def report(result: dict) -> list[str]:
     lines = [f"TP={c['tp']}, {c['model']}; {c['tokens']} tokens per request, {c['waves']} waves each; mixed = "
              f"{c['adapters']} BD-LoRA adapters of rank {c['rank']}", ""]
     lines += compare.markdown_table(
-        ["batch", "variant", "streamed", "engine tok/s", "HTTP tok/s", "HTTP / engine", "TTFT p50 ms",
+        ["front", "batch", "variant", "streamed", "engine tok/s", "HTTP tok/s", "HTTP / engine", "TTFT p50 ms",
          "TPOT p50 ms", "TPOT p90 ms"],
-        [[r["batch"], r["variant"], "yes" if r["stream"] else "no", r["engine_tokens_per_s"], r["tokens_per_s"],
-          r["http_over_engine"], _f(r["ttft_ms_p50"]), _f(r["tpot_ms_p50"]), _f(r["tpot_ms_p90"])]
+        [[r["front"], r["batch"], r["variant"], "yes" if r["stream"] else "no", r["engine_tokens_per_s"],
+          r["tokens_per_s"], r["http_over_engine"], _f(r["ttft_ms_p50"]), _f(r["tpot_ms_p50"]), _f(r["tpot_ms_p90"])]
          for r in result["http"]])
+    b = max(c["batches"])
     cpu = result["cpu_us_per_token"]
     if cpu:
-        lines += ["", f"CPU time per generated token (us), batch {max(c['batches'])}, not streamed:", ""]
-        lines += compare.markdown_table(["process", *cpu], [[role, *(cpu[v][role] for v in cpu)]
-                                                                  for role in (*ROLES, *SPLIT)])
-    for variant, r in result.get("wave_ramp", {}).items():
-        lines += ["", f"batch {max(c['batches'])}, {variant}, not streamed (median wave): first request at the engine "
-                      f"+{r['first_submit_ms']:.0f} ms, last +{r['last_submit_ms']:.0f} ms; {r['steps']:.0f} forward "
-                      f"steps for {c['tokens']} tokens per request"]
-    lines += [""] + [f"{k}: {v:.2f}x" for k, v in result["ratios"].items() if not k.startswith("HTTP")]
-    b = max(c["batches"])
-    lines.append(f"HTTP / engine at batch {b} (mixed): {result['ratios'][f'HTTP / engine at batch {b} (mixed)']:.2f}x")
-    lines.append(f"HTTP / engine at batch {b}: {result['ratios'][f'HTTP / engine at batch {b} (base)']:.2f}x")
+        cols = [(front, v) for front in cpu for v in cpu[front]]
+        lines += ["", f"CPU time per generated token (us), batch {b}, not streamed:", ""]
+        lines += compare.markdown_table(["process", *(f"{front}: {v}" for front, v in cols)],
+                                        [[role, *(cpu[front][v][role] for front, v in cols)]
+                                         for role in (*ROLES, *SPLIT)])
+    for front, by_variant in result.get("wave_ramp", {}).items():
+        for variant, r in by_variant.items():
+            lines += ["", f"{front} front, batch {b}, {variant}, not streamed (median wave): first request at the "
+                          f"engine +{r['first_submit_ms']:.0f} ms, last +{r['last_submit_ms']:.0f} ms; "
+                          f"{r['steps']:.0f} forward steps for {c['tokens']} tokens per request"]
+    ratios = result["ratios"]
+    lines += [""] + [f"{k}: {v:.2f}x" for k, v in ratios.items() if not k.startswith("HTTP")]
+    # The default front's figures last, the base model's very last.
+    for front in sorted(c["fronts"], key=lambda f: f == FRONTS[0]):
+        lines.append(f"HTTP / engine at batch {b} (mixed{_behind(front)}): "
+                     f"{ratios[f'HTTP / engine at batch {b} (mixed{_behind(front)})']:.2f}x")
+        name = f"HTTP / engine at batch {b}" + (f" (base{_behind(front)})" if _behind(front) else "")
+        lines.append(f"{name}: {ratios[f'HTTP / engine at batch {b} (base{_behind(front)})']:.2f}x")
     return lines
 
 

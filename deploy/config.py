@@ -34,6 +34,7 @@ from typing import Any
 from bdlora_ray.spec import (CREDENTIAL_VARS, DEFAULT_ADAPTERS_URI, EngineConfig, GroupConfig,  # noqa: F401
                              without_credentials)
 from bdlora_ray.store.s3 import S3Config
+from deploy.cluster_env import FRONTS
 
 ENV_PREFIX = "BDLORA_"
 ENGINE_PREFIX = "BDLORA_ENGINE_"
@@ -99,10 +100,13 @@ class EmbeddedConfig:
     local_s3: bool = True                        # no BDLORA_ADAPTERS_URI: run a local S3 and push demo adapters
     seed_model: bool = True                      # no BDLORA_MODEL_PATH: write `demo_model`'s checkpoint
     demo_model: str = DEFAULT_DEMO_MODEL         # a key of DEMO_MODELS
+    http_front: str = "python"                   # Serve's HTTP front: python or haproxy (deploy/cluster_env.py)
 
     def __post_init__(self) -> None:
         if self.demo_model not in DEMO_MODELS:
             raise ValueError(f"BDLORA_DEMO_MODEL={self.demo_model!r}: one of {sorted(DEMO_MODELS)}")
+        if self.http_front not in FRONTS:
+            raise ValueError(f"BDLORA_HTTP_FRONT={self.http_front!r}: one of {', '.join(FRONTS)}")
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,8 @@ class AppConfig:
                                   state_dir=r.str("STATE_DIR", DEFAULT_STATE_DIR),
                                   local_s3=r.str("ADAPTERS_URI", "") == "",
                                   seed_model=r.str("MODEL_PATH", "") == "",
-                                  demo_model=r.str("DEMO_MODEL", DEFAULT_DEMO_MODEL))
+                                  demo_model=r.str("DEMO_MODEL", DEFAULT_DEMO_MODEL),
+                                  http_front=r.str("HTTP_FRONT", "python"))
         model_dir, demo_tp = DEMO_MODELS[embedded.demo_model]
         default_model = str(Path(embedded.state_dir, model_dir).resolve())
         engine = {k[len(ENGINE_PREFIX):].lower(): _scalar(k, v) for k, v in env.items() if k.startswith(ENGINE_PREFIX)}

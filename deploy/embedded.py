@@ -64,8 +64,10 @@ def main() -> None:
     from ray import serve
 
     from deploy import build_app
+    from deploy.cluster_env import cluster_env
 
     e = config.embedded
+    os.environ.update(cluster_env(e.http_front))  # read by the local cluster's processes (deploy/cluster_env.py)
     ray.init(address="local", _temp_dir=e.ray_temp_dir, include_dashboard=False)  # its own cluster
     stop = threading.Event()
     # After ray.init, which installs a SIGTERM handler of its own that aborts the process.

@@ -341,33 +341,40 @@ def test_modes_comparison_end_to_end_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_tax_comparison_end_to_end_tiny(tmp_path):
-    """`python -m bench tax` at the smallest size: engine alone, then HTTP in every variant, CPU per
-    token of each serving process, the ratio last."""
+    """`python -m bench tax` at the smallest size: engine alone, then HTTP in every variant behind each
+    front (Serve's Python proxy, HAProxy), CPU per token of each serving process, the ratio last."""
     out, png = tmp_path / "tax.json", tmp_path / "tax.png"
     cmd = [sys.executable, "-m", "bench", "tax", "--batches", "1", "2", "--waves", "1", "--tokens", "4", "--steps",
            "2", "--no-progress", "--json", str(out), "--plot", str(png)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    last = p.stdout.strip().splitlines()[-1]
-    assert last.startswith("HTTP / engine at batch 2: ") and last.endswith("x")
+    lines = p.stdout.strip().splitlines()
+    assert lines[-1].startswith("HTTP / engine at batch 2: ") and lines[-1].endswith("x")
+    assert lines[-3].startswith("HTTP / engine at batch 2 (base, behind haproxy): ")
     result = json.loads(out.read_text())
-    rows = {(r["batch"], r["variant"], r["stream"]): r for r in result["http"]}
-    assert set(rows) == {(b, v, s) for b in (1, 2) for v in ("base", "mixed") for s in (False, True)}
+    rows = {(r["front"], r["batch"], r["variant"], r["stream"]): r for r in result["http"]}
+    assert set(rows) == {(f, b, v, s) for f in ("python", "haproxy") for b in (1, 2) for v in ("base", "mixed")
+                         for s in (False, True)}
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["http_over_engine"] == pytest.approx(
             r["tokens_per_s"] / r["engine_tokens_per_s"])
         assert (r["tpot_ms_p50"] is not None) == r["stream"]  # 4 tokens streamed: TTFT and TPOT measured
-    assert float(last.split(": ")[1][:-1]) == pytest.approx(result["ratios"]["HTTP / engine at batch 2 (base)"],
-                                                            abs=0.005)
-    cpu = result["cpu_us_per_token"]["base"]
-    # Every serving process was found and measured; rank 0 does the engine's work in the group replica.
-    assert set(cpu) == {"proxy", "ingress", "group replica (rank 0)", "rank > 0 workers", "client",
-                        "group replica: engine thread", "group replica: gloo threads", "group replica: other threads"}
-    assert cpu["group replica (rank 0)"] > 0 and cpu["rank > 0 workers"] > 0
-    # Its split by thread: each part measured (the kernel counts thread time in 10 ms ticks, so in a run
-    # this small a quiet thread may read 0 and the parts may round past the whole by a tick or two), the
-    # engine thread busy, and the parts one process's threads, not several processes'.
-    split = [cpu[f"group replica: {part}"] for part in ("engine thread", "gloo threads", "other threads")]
-    assert all(math.isfinite(v) and v >= 0 for v in split) and split[0] > 0
-    assert sum(split) <= 1.5 * cpu["group replica (rank 0)"]
+    assert float(lines[-1].split(": ")[1][:-1]) == pytest.approx(result["ratios"]["HTTP / engine at batch 2 (base)"],
+                                                                 abs=0.005)
+    for front in ("python", "haproxy"):
+        cpu = result["cpu_us_per_token"][front]["base"]
+        # Every serving process was found and measured; rank 0 does the engine's work in the group replica.
+        assert set(cpu) == {"proxy", "ingress", "group replica (rank 0)", "rank > 0 workers", "client",
+                            "group replica: engine thread", "group replica: gloo threads",
+                            "group replica: other threads"}
+        assert cpu["group replica (rank 0)"] > 0 and cpu["rank > 0 workers"] > 0
+        # Its split by thread: each part measured (the kernel counts thread time in 10 ms ticks, so in a run
+        # this small a quiet thread may read 0 and the parts may round past the whole by a tick or two), the
+        # engine thread busy, and the parts one process's threads, not several processes'.
+        split = [cpu[f"group replica: {part}"] for part in ("engine thread", "gloo threads", "other threads")]
+        assert all(math.isfinite(v) and v >= 0 for v in split) and split[0] > 0
+        assert sum(split) <= 1.5 * cpu["group replica (rank 0)"]
+    # Which process held the HTTP port: HAProxy behind the haproxy front, Serve's Python proxy otherwise.
+    assert result["front_processes"]["haproxy"] == ["haproxy"]
+    assert result["front_processes"]["python"] and "haproxy" not in result["front_processes"]["python"]
     assert png.stat().st_size > 1000

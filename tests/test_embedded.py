@@ -79,3 +79,17 @@ def test_defaults_are_the_embedded_setup():
     assert c.embedded.ray_temp_dir.startswith("/tmp/")
     configured = AppConfig.from_env({"BDLORA_ADAPTERS_URI": "s3://b/p", "BDLORA_MODEL_PATH": "/m"})
     assert not configured.embedded.local_s3 and not configured.embedded.seed_model
+
+
+def test_http_front_is_the_python_proxy_unless_haproxy_is_asked_for():
+    from deploy.cluster_env import HAPROXY_ENV, PORT_VARS, cluster_env
+
+    assert AppConfig.from_env({}).embedded.http_front == "python" and cluster_env("python") == {}
+    assert AppConfig.from_env({"BDLORA_HTTP_FRONT": "haproxy"}).embedded.http_front == "haproxy"
+    with pytest.raises(ValueError, match="BDLORA_HTTP_FRONT='nginx'"):
+        AppConfig.from_env({"BDLORA_HTTP_FRONT": "nginx"})
+    local = cluster_env("haproxy")
+    assert {k: local[k] for k in HAPROXY_ENV} == HAPROXY_ENV and local["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    ports = [int(local[v]) for v in PORT_VARS]  # free ones, so two local clusters do not collide
+    assert len(set(ports)) == len(ports) and all(p > 1024 for p in ports)
+    assert cluster_env("haproxy", local=False) == HAPROXY_ENV
