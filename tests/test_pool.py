@@ -71,7 +71,8 @@ def assert_outputs_match(pool: PagePool, names: list[str], shards: dict, gen: to
             B = shards[n][tensor_name(layer, target, "B")]
             rows = idx == i
             want = y0[rows] + slots[i].meta.scale * (x[rows] @ A.T @ B.T)
-            torch.testing.assert_close(y[rows], want, rtol=1e-5, atol=1e-5)
+            # the same float32 sums in another order (the pool holds B.T): ~1e-5 apart at rank 64
+            torch.testing.assert_close(y[rows], want, rtol=1e-4, atol=1e-4)
         assert torch.equal(y[idx == -1], y0[idx == -1])
 
 
