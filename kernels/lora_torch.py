@@ -496,7 +496,8 @@ def _expand_slices(meta: list[list[int]]) -> list[tuple[int, int, int, int, int]
 
 
 def _product(left: Tensor, right: Tensor, c: ClassPlan) -> Tensor:
-    """Row t of the result: left[t] @ right[slot of t]; left (T_c, k), right (U_c, k, n)."""
+    """Row t of the result: left[t] @ right[slot of t]; left (T_c, k), right (U_c, k, n) (the
+    expand's B.T as stored; shrinks read A by `_shrink_product`)."""
     if c.strategy == "matmul":
         return left @ right[0]  # (T_c, n)
     if c.strategy == "padded":
@@ -508,6 +509,23 @@ def _product(left: Tensor, right: Tensor, c: ClassPlan) -> Tensor:
         return torch.bmm(padded, right)[c.inv, c.pos]  # (T_c, n)
     per_row = right.index_select(0, c.inv)  # (T_c, k, n)
     return torch.bmm(left.unsqueeze(1), per_row).squeeze(1)  # (T_c, n)
+
+
+def _shrink_product(x: Tensor, A: Tensor, c: ClassPlan) -> Tensor:
+    """Row t of the result: x[t] @ A[slot of t].T; x (T_c, d_in), A (U_c, width, d_in) as stored.
+    Batched over slots as A @ x.T, a GEMV per slot along A's stored rows: ~1.5x faster than
+    x @ A.T (`_product`) when the factors are not in cache, as a step of many adapters finds them."""
+    if c.strategy == "matmul":
+        return x @ A[0].T  # (T_c, width)
+    if c.strategy == "padded":
+        U, k = len(c.slots), x.shape[1]
+        if c.uniform:  # rows sorted by slot, m_c each: already (U_c, m_c, d_in)
+            return torch.bmm(A, x.reshape(U, c.busiest, k).transpose(1, 2)).transpose(1, 2).reshape(-1, A.shape[1])
+        padded = x.new_zeros(U, c.busiest, k)  # (U_c, m_c, d_in)
+        padded[c.inv, c.pos] = x
+        return torch.bmm(A, padded.transpose(1, 2)).transpose(1, 2)[c.inv, c.pos]  # (T_c, width)
+    per_row = A.index_select(0, c.inv)  # (T_c, width, d_in)
+    return torch.bmm(per_row, x.unsqueeze(2)).squeeze(2)  # (T_c, width)
 
 
 def _in_batch_order(hs: Tensor, plan: RowPlan, cache: StepCache | None) -> Tensor:
@@ -542,16 +560,14 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
     run = _uniform_in_place(pool, page_table, plan, cache)
     if run is not None and x.dtype == torch.float32:
         c = plan.classes[0]
-        U, m = len(c.slots), c.busiest
         views = _uniform_views("shrink", pool, run, plan, (id(a_offset), id(rank)),
                                lambda: [(r, r.offset, sum(r.ranks), d_in) for r in specs[0]])
-        xs = plan.take(x).reshape(U, m, d_in)  # rows sorted by slot, m each
+        xs = plan.take(x)  # rows sorted by slot, m_c each
         if len(views) == 1 and views[0][0].whole(n_slices, max_rank):  # every slice at full width
-            return _in_batch_order(torch.bmm(xs, views[0][1].transpose(1, 2)).view(-1, n_slices, max_rank), plan,
-                                   cache)
+            return _in_batch_order(_shrink_product(xs, views[0][1], c).view(-1, n_slices, max_rank), plan, cache)
         hs = torch.zeros(T, n_slices, max_rank, dtype=torch.float32, device=x.device)
         for r, A in views:  # A (U, width, d_in)
-            r.split(torch.bmm(xs, A.transpose(1, 2)).view(T, -1), hs)
+            r.split(_shrink_product(xs, A, c), hs)
         return _in_batch_order(hs, plan, cache)
     bufs = _class_buffers(pool, page_table, plan, cache)
     xs = plan.take(x).float()  # (Ta, d_in)
@@ -561,7 +577,7 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
         if run.whole(n_slices, max_rank):
             # one class, every row, every slice at full width: h is the product itself, in batch order
             A = bufs[0][:, run.offset:run.offset + n_slices * max_rank * d_in].view(-1, n_slices * max_rank, d_in)
-            hs = _product(xs, A.transpose(1, 2), plan.classes[0]).view(-1, n_slices, max_rank)
+            hs = _shrink_product(xs, A, plan.classes[0]).view(-1, n_slices, max_rank)
             return _in_batch_order(hs, plan, cache)
     hs = torch.zeros(len(plan.rows), n_slices, max_rank, dtype=torch.float32, device=x.device)
     for c, buf, runs in zip(plan.classes, bufs, specs):
@@ -569,7 +585,7 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
         for run in runs:
             width = sum(run.ranks)
             A = buf[:, run.offset:run.offset + width * d_in].view(-1, width, d_in)  # (U_c, width, d_in), a view
-            run.split(_product(xc, A.transpose(1, 2), c), hs[c.r0:c.r1])  # (T_c, width): slices side by side
+            run.split(_shrink_product(xc, A, c), hs[c.r0:c.r1])  # (T_c, width): slices side by side
     if every_row:
         return _in_batch_order(hs, plan, cache)
     h = torch.zeros(T, n_slices, max_rank, dtype=torch.float32, device=x.device)
@@ -580,6 +596,8 @@ def lora_shrink_torch(x: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, 
 def lora_expand_torch(h: Tensor, pool: Tensor, page_table: Tensor, idx: Tensor, b_offset: Tensor, rank: Tensor,
                       out_start: Tensor, out_len: Tensor, scale: Tensor, y: Tensor,
                       cache: StepCache | None = None) -> Tensor:
+    if h.shape[2] == 0:  # no row's adapter adapts this linear
+        return y
     meta = (b_offset, rank, out_start, out_len)
     plan = _plan(idx, page_table, meta, cache)
     if not plan.classes:

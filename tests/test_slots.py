@@ -17,7 +17,7 @@ from bdlora_ray.comm import Comm
 from bdlora_ray.config import LlamaConfig
 from bdlora_ray.lora.batch import LoraBatch
 from bdlora_ray.lora.layout import TARGETS
-from bdlora_ray.lora.slots import GROUPS, SlotTables, slot_rows
+from bdlora_ray.lora.slots import COLUMN_GROUPS, GROUPS, SlotTables, slot_rows
 from bdlora_ray.memory import PagePool, PoolConfig
 from bdlora_ray.synthetic import random_adapter, write_peft_adapter, write_random_checkpoint
 from bdlora_ray.worker import LocalShardSource, StepChannel, TPWorker
@@ -84,6 +84,7 @@ def test_a_step_takes_everything_but_its_index_from_the_tables():
         LoraBatch.from_tables(tables, torch.tensor([0, tables.capacity]), pool.data)
 
 
+@pytest.mark.parametrize("targets", ["all", "some"])
 @pytest.mark.parametrize("pages", ["irregular", "runs"])
 @pytest.mark.parametrize("rows,want", [
     ([0] * 8, "matmul"),                                 # one adapter, every row: h is the product itself
@@ -93,16 +94,18 @@ def test_a_step_takes_everything_but_its_index_from_the_tables():
     ([0, 1, 2, 3, 4, 5, 1, 3, 0], "padded"),             # uneven use: padded
     ([0] * 10 + [1, 2, 3, 4, 5, -1], "rows"),             # skewed: gather each row's factors
 ])
-def test_torch_product_shapes_match_the_reference(rows, want, pages):
+def test_torch_product_shapes_match_the_reference(rows, want, pages, targets):
     """Six adapters of one class (rank 16): the planned shape is `want`, results are the
-    reference's, rows with no adapter are bit-identical. `runs`: the adapters' pages lie at a
-    regular stride (KV blocks taken between loads come from the other end of the pool), read in
-    place as one strided view; `irregular`: adapters of another rank between some of them, so
-    the six's pages are gathered."""
+    reference's in every fused linear, rows with no adapter are bit-identical. `runs`: the
+    adapters' pages lie at a regular stride (KV blocks taken between loads come from the other
+    end of the pool), read in place as one strided view; `irregular`: adapters of another rank
+    between some of them, so the six's pages are gathered. `some`: targets that leave a slice
+    out of q|k|v and gate|up, so a shrink is two products, not one."""
     pool, tables = make_pool(3000)
     pool.allocate_kv("filler", BLOCK * 7)
+    some = ("q_proj", "v_proj", "up_proj", "o_proj")
     for i in range(6):
-        meta, shard = make_shard(16, seed=i, tp_rank=1)
+        meta, shard = make_shard(16, seed=i, tp_rank=1, targets=TARGETS if targets == "all" else some)
         pool.load_adapter(f"a{i}", shard, meta)
         pool.allocate_kv(f"gap{i}", BLOCK * (i + 1))
         if pages == "irregular" and i in (1, 3):
@@ -118,17 +121,21 @@ def test_torch_product_shapes_match_the_reference(rows, want, pages):
     in_place = [run.first is not None for run in _page_runs(batch.page_table, plan)]
     assert in_place == [pages == "runs" or len(set(used.tolist())) == 1]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(len(idx), CFG.hidden_size, generator=gen)
-    y0 = torch.randn(len(idx), sum(CFG.out_features(t) // TP for t in GROUPS["qkv"]), generator=gen)
     args = (pool.data[1], batch.page_table, batch.idx)
-    h = lora_shrink_torch(x, *args, g.a_offset, g.rank_a, g.width, batch.segments)
-    h_ref = lora_shrink_ref(x, *args, g.a_offset, g.rank_a, g.width)
-    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
-    meta = (g.b_offset, g.rank_b, g.out_start, g.out_len, batch.scale)
-    y = lora_expand_torch(h_ref, *args, *meta, y0.clone(), batch.segments)
-    y_ref = lora_expand_ref(h_ref, *args, *meta, y0.clone())
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    assert torch.equal(y[idx == -1], y0[idx == -1]) and not torch.equal(y[idx >= 0], y0[idx >= 0])
+    for group, g in batch.groups.items():
+        d_in = CFG.in_features(GROUPS[group][0]) // (1 if group in COLUMN_GROUPS else TP)
+        x = torch.randn(len(idx), d_in, generator=gen)
+        d_out = sum(CFG.out_features(t) // (TP if group in COLUMN_GROUPS else 1) for t in GROUPS[group])
+        y0 = torch.randn(len(idx), d_out, generator=gen)
+        h = lora_shrink_torch(x, *args, g.a_offset, g.rank_a, g.width, batch.segments)
+        h_ref = lora_shrink_ref(x, *args, g.a_offset, g.rank_a, g.width)
+        torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+        meta = (g.b_offset, g.rank_b, g.out_start, g.out_len, batch.scale)
+        y = lora_expand_torch(h_ref, *args, *meta, y0.clone(), batch.segments)
+        y_ref = lora_expand_ref(h_ref, *args, *meta, y0.clone())
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(y[idx == -1], y0[idx == -1])
+        assert not torch.equal(y[idx >= 0], y0[idx >= 0]) or not g.active, group
 
 
 def test_a_repeated_index_reuses_its_plan_until_a_slot_changes():
