@@ -361,6 +361,8 @@ def test_tax_comparison_end_to_end_tiny(tmp_path):
         assert (r["tpot_ms_p50"] is not None) == r["stream"]  # 4 tokens streamed: TTFT and TPOT measured
     assert float(lines[-1].split(": ")[1][:-1]) == pytest.approx(result["ratios"]["HTTP / engine at batch 2 (base)"],
                                                                  abs=0.005)
+    for r in result["engine"]:  # measured before and after the servers, the faster kept
+        assert r["tokens_per_s"] == max(r["tokens_per_s_before"], r["tokens_per_s_after"]) > 0
     for front in ("python", "haproxy"):
         cpu = result["cpu_us_per_token"][front]["base"]
         # Every serving process was found and measured; rank 0 does the engine's work in the group replica.
