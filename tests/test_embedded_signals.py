@@ -11,6 +11,7 @@ import sys
 import threading
 
 import httpx
+import psutil
 import pytest
 
 from serving_fixtures import free_port, wait_until
@@ -18,11 +19,14 @@ from serving_fixtures import free_port, wait_until
 pytestmark = pytest.mark.slow
 
 
-def test_sigterm_stops_make_run_cleanly_and_ends_in_flight_requests(tmp_path):
+@pytest.mark.parametrize("front", ["python", "haproxy"])
+def test_sigterm_stops_make_run_cleanly_and_ends_in_flight_requests(tmp_path, front):
     port, s3_port = free_port(), free_port()
-    # The tiny random model: what is tested is stopping, not the demo model.
+    # The tiny random model: what is tested is stopping, not the demo model. Behind either HTTP front
+    # (BDLORA_HTTP_FRONT, deploy/cluster_env.py).
     env = {**os.environ, "BDLORA_DEMO_MODEL": "tiny", "BDLORA_STATE_DIR": str(tmp_path / "state"),
-           "BDLORA_PORT": str(port), "BDLORA_S3_PORT": str(s3_port), "RAY_AUTH_MODE": "disabled"}
+           "BDLORA_PORT": str(port), "BDLORA_S3_PORT": str(s3_port), "RAY_AUTH_MODE": "disabled",
+           "BDLORA_HTTP_FRONT": front}
     for k in [k for k in env if k.startswith("AWS_")]:
         del env[k]  # the embedded default brings its own local S3
     proc = subprocess.Popen([sys.executable, "-m", "deploy.embedded"], env=env, stdout=subprocess.PIPE,
@@ -40,6 +44,9 @@ def test_sigterm_stops_make_run_cleanly_and_ends_in_flight_requests(tmp_path):
                 return False
 
         wait_until(healthy, 240, "make run to serve", poll_s=1.0)
+        listening = {psutil.Process(c.pid).name() for c in psutil.net_connections(kind="tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
+        assert ("haproxy" in listening) == (front == "haproxy"), listening
         model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
         events: list[str] = []
         started = threading.Event()
