@@ -50,7 +50,8 @@ def served(tmp_path_factory, ray_session, s3_server):
                                   nblocks=2 if mode == "bd" else None)
         push(peft[name], uri, name, mode)
     group = EngineGroup(GroupConfig(model_path=str(ckpt), adapters_uri=uri, tp=2, store_name="group-test-store",
-                                    engine=EngineConfig(num_pages=512, max_num_seqs=64, max_model_len=256)))
+                                    engine=EngineConfig(num_pages=512, max_num_seqs=64, max_model_len=256,
+                                                        step_nice=5)))
     yield group, ckpt, peft
     group.shutdown()
 
@@ -91,7 +92,7 @@ def test_64_concurrent_requests_over_16_adapters_match_alone_and_hf(served):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
 def test_every_ranks_step_loop_runs_nicer_than_its_other_threads(served):
-    """EngineConfig.step_nice (default 5) on both ranks: rank 0's engine thread (this process) and rank 1's
+    """EngineConfig.step_nice (5 here) on both ranks: rank 0's engine thread (this process) and rank 1's
     follower thread (its actor's process, whose threads Ray starts at its worker niceness) run that many
     nice steps (at most 19) below their process's main thread, which keeps its own."""
     import psutil
