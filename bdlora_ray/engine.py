@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import queue
-import sys
 import threading
 import time
 from collections import Counter, deque
@@ -44,20 +42,6 @@ Deliver = Callable[[list[tuple[Sink, RequestOutput]]], None]
 def deliver_inline(batch: list[tuple[Sink, RequestOutput]]) -> None:
     for sink, out in batch:
         sink(out)
-
-
-
-def nicer_thread(by: int) -> None:
-    """Lower the calling thread's CPU priority by `by` nice steps, to at most 19 (Linux, where nice is
-    per thread; elsewhere a no-op). The step loops call it: on a host whose cores the serving
-    processes share (the HTTP proxy, the ingress, Serve's request handling in the group replica), a
-    request's intake and answer, a few ms of CPU each, then run before the next step instead of
-    stretching the partial-batch steps at the start and the end of a wave (bench/RESULTS.md, the
-    serving tax). With every core free, as on a GPU node, nothing changes."""
-    if by <= 0 or sys.platform != "linux":
-        return
-    tid = threading.get_native_id()
-    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
 
 
 class Engine:
@@ -208,7 +192,6 @@ class Engine:
         self._compile_pool.shutdown(wait=False, cancel_futures=True)
 
     def run_forever(self) -> None:
-        nicer_thread(self.config.step_nice)
         try:
             while not self._stop:
                 if not self.step():

@@ -24,7 +24,7 @@ from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from bdlora_ray.comm import leave_world
-from bdlora_ray.engine import Engine, nicer_thread
+from bdlora_ray.engine import Engine
 from bdlora_ray.errors import AdapterInvalid, AdapterUnavailable, ReplicaGroupFailed, error_from_name
 from bdlora_ray.memory import PoolConfig
 from bdlora_ray.placement import ON_HEAD_NODE
@@ -141,11 +141,7 @@ class TPWorkerActor:
     async def serve_forever(self) -> None:
         """Follow rank 0 until it stops (one long call for the group's life)."""
         self._count("serve_forever")
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._follow)
-
-    def _follow(self) -> None:
-        nicer_thread(self.config.engine.step_nice)  # this executor thread follows rank 0 for the group's life
-        self.worker.serve_forever()
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.worker.serve_forever)
 
     async def pool_usage(self) -> dict:
         self._count("pool_usage")

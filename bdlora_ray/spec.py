@@ -54,10 +54,6 @@ class EngineConfig:
     heartbeat_s: float = 5.0             # idle message to the other ranks, keeps their wait short
     enable_chunked_prefill: bool = True  # long prompts fed in pieces within the step budget, beside decodes
     enable_prefix_caching: bool = True   # full KV blocks shared by requests of one adapter version
-    # The step loops (rank 0's engine thread, each other rank's follower) run this many nice steps below
-    # the request handling that shares their cores (Linux; 0: same priority). See engine.nicer_thread;
-    # off by default: no gain beyond noise measured (bench/RESULTS.md).
-    step_nice: int = 0
 
     @classmethod
     def from_overrides(cls, overrides: Mapping[str, Any], what: str = "engine settings") -> EngineConfig:

@@ -79,7 +79,7 @@ def draw_tax(ax, result: dict) -> None:
     b = max(result["config"]["batches"])
     title = []
     for front in fronts:
-        mine = {(r["variant"]): r["http_over_engine"] for r in rows
+        mine = {r["variant"]: r["http_over_engine"] for r in rows
                 if r["front"] == front and r["batch"] == b and not r["stream"]}
         title.append(f"{front} front {mine['base']:.2f}x (base), {mine['mixed']:.2f}x (mixed)")
     ax.set_title(f"serving tax, HTTP / engine at batch {b}: " + "; ".join(title), fontsize=8)

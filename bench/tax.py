@@ -14,8 +14,9 @@
    default) and HAProxy (Serve's HAProxy mode: HAProxy in front of the ingress replicas' own HTTP
    servers), each on a server of its own, against the same engine-alone figures.
 3. During the batch-32 non-streamed waves, the CPU time of each serving process (psutil: the HTTP
-   front (the Serve proxy; or HAProxy and its manager actor), the ingress replica, the group replica that runs rank 0, the rank > 0 worker actors, this
-   client) per generated token, and the group replica's split into its engine thread and the rest.
+   front (the Serve proxy; or HAProxy and its manager actor), the ingress replica, the group replica
+   that runs rank 0, the rank > 0 worker actors, this client) per generated token, and the group
+   replica's split into its engine thread and the rest.
 
 The last line is `HTTP / engine at batch 32: N.NNx` (non-streamed, base model, the default front);
 the lines above it give mixed adapters and the other front; the table has every front, batch size
@@ -215,8 +216,8 @@ def _ramp(waves: list[tuple[float, float, list[dict]]]) -> dict:
 
 
 def over_http(args: argparse.Namespace, served: compare.Served,
-              names: list[str]) -> tuple[list[dict], dict, dict]:
-    rows, cpu, ramps = [], {}, {}
+              names: list[str]) -> tuple[list[dict], dict, dict, dict]:
+    rows, cpu, ramps, sample = [], {}, {}, {}
     procs: dict[str, list] = {}
     for b in args.batches:
         for variant in ("base", "mixed"):
@@ -247,20 +248,25 @@ def over_http(args: argparse.Namespace, served: compare.Served,
                                 tpot.append((x["done_s"] - x["first_s"]) / (x["tokens"] - 1))
                 if measure:
                     cpu[variant] = {r: 1e6 * (_cpu_s(ps) - before[r]) / tokens for r, ps in procs.items()}
-                    cpu[variant].update(_split(threads, _thread_cpu_s(procs["group replica (rank 0)"]), tokens))
+                    threads_now = _thread_cpu_s(procs["group replica (rank 0)"])
+                    cpu[variant].update(_split(threads, threads_now, tokens))
+                    # What the figures rest on: the kernel counts CPU time in ticks, each thread's apart, so
+                    # the split may round past the whole by up to a tick for each thread that ran.
+                    sample[variant] = {"tokens": tokens, "group_threads_ran": sum(
+                        1 for k, t in threads_now.items() if t != threads.get(k, 0.0))}
                     ramps[variant] = _ramp(waves)
                 rows.append({"batch": b, "variant": variant, "stream": stream, "tokens_per_s": tokens / sum(walls),
                              "ttft_ms_p50": 1e3 * percentile(ttft, 50) if ttft else None,
                              "tpot_ms_p50": 1e3 * percentile(tpot, 50) if tpot else None,
                              "tpot_ms_p90": 1e3 * percentile(tpot, 90) if tpot else None})
-    return rows, cpu, ramps
+    return rows, cpu, ramps, sample
 
 
 # ---- the comparison -------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> dict:
     specs = [DemoAdapter(f"tax-{k}", args.rank, True, "bd", seed=3000 + k) for k in range(args.adapters)]
-    http_rows, cpu, ramps, listening = [], {}, {}, {}
+    http_rows, cpu, ramps, sample, listening = [], {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-tax-") as d:
         model_dir, peft_dirs = compare.write_files(Path(d), specs, args.tp, args.model)
         before = engine_alone(args, model_dir, peft_dirs)  # no server running
@@ -268,7 +274,7 @@ def run(args: argparse.Namespace) -> dict:
             server = replace(compare.server_config(args, num_pages=2048), front=front)
             with compare.local_server(Path(d), specs, server, args.progress) as served:
                 compare.warm_up(served, [a.name for a in specs], args.progress)
-                rows, cpu[front], ramps[front] = over_http(args, served, [a.name for a in specs])
+                rows, cpu[front], ramps[front], sample[front] = over_http(args, served, [a.name for a in specs])
                 listening[front] = listeners(int(served.url.rsplit(":", 1)[1]))
             http_rows += [{"front": front, **r} for r in rows]
         after = engine_alone(args, model_dir, peft_dirs)  # the servers gone again
@@ -297,7 +303,8 @@ def run(args: argparse.Namespace) -> dict:
         "config": {"tp": args.tp, "adapters": args.adapters, "rank": args.rank, "tokens": args.tokens,
                    "waves": args.waves, "batches": args.batches, "fronts": args.fronts,
                    "model": compare.model_info(args), "device": "cpu"},
-        "engine": engine_rows, "http": http_rows, "cpu_us_per_token": cpu, "wave_ramp": ramps, "ratios": ratios,
+        "engine": engine_rows, "http": http_rows, "cpu_us_per_token": cpu, "cpu_sample": sample,
+        "wave_ramp": ramps, "ratios": ratios,
         "front_processes": listening,
     }
 

@@ -4,9 +4,6 @@ sampling, stop conditions and refusals. (TP=2 on Ray: test_group.py.)"""
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
-import threading
 
 import pytest
 import torch
@@ -191,35 +188,3 @@ def test_unload_evicts_idle_adapter_only(files):
 def test_engine_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         EngineConfig().num_pages = 3  # type: ignore[misc]
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
-def test_the_step_loop_runs_nicer_than_the_threads_that_handle_requests(files):
-    """EngineConfig.step_nice: the engine thread's nice value is raised by it (the other threads of the
-    process, request handling among them, keep theirs); 0 leaves it as it was."""
-    ckpt, adapters = files
-    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    for nice in (3, 0):
-        engine = local_engine(CFG, ckpt, adapters, EngineConfig(step_nice=nice))
-        engine.start()
-        try:
-            outs = run_to_completion_threaded(engine, GenerationRequest("r", (1, 2, 3), None, SamplingParams(max_tokens=2)))
-            assert outs[-1].finished
-            assert os.getpriority(os.PRIO_PROCESS, engine._thread.native_id) == min(19, mine + nice)
-            assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
-        finally:
-            engine.stop()
-
-
-def run_to_completion_threaded(engine, req, timeout_s: float = 60) -> list:
-    """One request through a started engine (its own thread steps it)."""
-    done, outs = threading.Event(), []
-
-    def on(ev):
-        outs.append(ev)
-        if ev.finished:
-            done.set()
-
-    engine.submit(req, on)
-    assert done.wait(timeout_s)
-    return outs

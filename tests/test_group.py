@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import sys
 import time
 
 import pytest
@@ -50,8 +48,7 @@ def served(tmp_path_factory, ray_session, s3_server):
                                   nblocks=2 if mode == "bd" else None)
         push(peft[name], uri, name, mode)
     group = EngineGroup(GroupConfig(model_path=str(ckpt), adapters_uri=uri, tp=2, store_name="group-test-store",
-                                    engine=EngineConfig(num_pages=512, max_num_seqs=64, max_model_len=256,
-                                                        step_nice=5)))
+                                    engine=EngineConfig(num_pages=512, max_num_seqs=64, max_model_len=256)))
     yield group, ckpt, peft
     group.shutdown()
 
@@ -88,25 +85,6 @@ def test_64_concurrent_requests_over_16_adapters_match_alone_and_hf(served):
     assert stats["counters"]["adapter_fetches"] >= 16
     usage = asyncio.run(group.pool_usage())
     assert usage[0] == usage[1] and usage[0]["kv_pages"] == 0 and usage[0]["pinned_adapters"] == 0
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
-def test_every_ranks_step_loop_runs_nicer_than_its_other_threads(served):
-    """EngineConfig.step_nice (5 here) on both ranks: rank 0's engine thread (this process) and rank 1's
-    follower thread (its actor's process, whose threads Ray starts at its worker niceness) run that many
-    nice steps (at most 19) below their process's main thread, which keeps its own."""
-    import psutil
-
-    group, _, _ = served
-    nice = group.config.engine.step_nice
-    assert nice > 0
-    base = os.getpriority(os.PRIO_PROCESS, os.getpid())
-    assert os.getpriority(os.PRIO_PROCESS, group.engine._thread.native_id) == min(19, base + nice)
-    rank1 = psutil.Process(group.worker_info[1]["pid"])
-    base1 = os.getpriority(os.PRIO_PROCESS, rank1.pid)
-    nices = [os.getpriority(os.PRIO_PROCESS, t.id) for t in rank1.threads()]
-    assert base1 < 19 and max(nices) == min(19, base1 + nice), (base1, nices)
-    assert os.getpriority(os.PRIO_PROCESS, rank1.pid) == base1
 
 
 def test_unknown_adapter_is_a_typed_error_and_others_still_run(served):
