@@ -163,17 +163,36 @@ class _Stream:
     The engine hands a whole step's outputs over in one wake-up of the reader's event loop; what
     arrives while the reader is busy is read as one merged event (as vLLM's output collector does).
     A request that is not streamed (`whole`) wakes its reader twice: at its first event, then at its
-    last, with the events between held on the engine thread and merged into it."""
+    last, with the events between held on the engine thread and merged into it. A streamed one with
+    an `interval` > 1 is handed over at its first event, then whenever `interval` new tokens are held,
+    and at its last (EngineConfig.stream_interval)."""
 
-    __slots__ = ("loop", "pending", "ready", "whole", "started", "held")
+    __slots__ = ("loop", "pending", "ready", "whole", "interval", "started", "held", "held_tokens")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, whole: bool = False) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, whole: bool = False, interval: int = 1) -> None:
         self.loop = loop
         self.pending: list[RequestOutput] = []
         self.ready = asyncio.Event()
         self.whole = whole
+        self.interval = interval
         self.started = False                 # engine thread only: its first event has gone out
         self.held: list[RequestOutput] = []  # engine thread only: events not handed over yet
+        self.held_tokens = 0                 # engine thread only: their tokens
+
+    def offer(self, out: RequestOutput) -> list[RequestOutput] | None:  # engine thread
+        """The events to hand over now, `out` last; None while `out` is held back."""
+        if self.started and not out.finished:
+            tokens = self.held_tokens + len(out.token_ids)
+            if self.whole or (self.interval > 1 and tokens < self.interval):
+                self.held.append(out)
+                self.held_tokens = tokens
+                return None
+        outs = [out]
+        if self.held:
+            outs, self.held = [*self.held, out], []
+        self.held_tokens = 0
+        self.started = True
+        return outs
 
     def put(self, outs: list[RequestOutput]) -> None:  # on self.loop
         self.pending.extend(outs)
@@ -266,14 +285,8 @@ class EngineGroup:
         request that is not streamed is held here between its first event and its last)."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for stream, out in batch:
-            if stream.whole and stream.started and not out.finished:
-                stream.held.append(out)
-                continue
-            outs = [out]
-            if stream.held:
-                outs, stream.held = [*stream.held, out], []
-            stream.started = True
-            by_loop.setdefault(stream.loop, []).append((stream, outs))
+            if (outs := stream.offer(out)) is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, outs))
         for loop, items in by_loop.items():
             self.deliveries += 1
             try:
@@ -360,7 +373,8 @@ class EngineGroup:
         """The request's events, merged while the reader is busy; typed errors before the first."""
         if req.adapter is not None:
             check_name(req.adapter)
-        stream = _Stream(asyncio.get_running_loop(), whole=not req.stream)
+        stream = _Stream(asyncio.get_running_loop(), whole=not req.stream,
+                         interval=self.config.engine.stream_interval)
         self.engine.submit(req, stream)
         done = started = False
         try:

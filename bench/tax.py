@@ -12,7 +12,9 @@
    streamed waves also give TTFT and TPOT.
    Step 2 runs once per HTTP front (`--fronts`, deploy/cluster_env.py): Serve's Python proxy (the
    default) and HAProxy (Serve's HAProxy mode: HAProxy in front of the ingress replicas' own HTTP
-   servers), each on a server of its own, against the same engine-alone figures.
+   servers), each on a server of its own, against the same engine-alone figures. With
+   `--stream-intervals`, one more server per interval on the first front (EngineConfig.stream_interval:
+   tokens per streamed event), streamed waves only.
 3. During the batch-32 non-streamed waves, the CPU time of each serving process (psutil: the HTTP
    front (the Serve proxy; or HAProxy and its manager actor), the ingress replica, the group replica
    that runs rank 0, the rank > 0 worker actors, this client) per generated token, and the group
@@ -63,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--fronts", nargs="+", choices=FRONTS, default=list(FRONTS),
                    help="Serve's HTTP fronts to measure, each on a server of its own (deploy/cluster_env.py)")
+    p.add_argument("--stream-intervals", type=int, nargs="*", default=[],
+                   help="also serve at these stream intervals (tokens per streamed event; the fronts' servers "
+                        "use 1), on the first front, streamed waves only")
 
 
 # ---- 1. engine alone ------------------------------------------------------------------------------
@@ -215,13 +220,13 @@ def _ramp(waves: list[tuple[float, float, list[dict]]]) -> dict:
             "steps": percentile(steps, 50)}
 
 
-def over_http(args: argparse.Namespace, served: compare.Served,
-              names: list[str]) -> tuple[list[dict], dict, dict, dict]:
+def over_http(args: argparse.Namespace, served: compare.Served, names: list[str],
+              streams: tuple[bool, ...] = (False, True)) -> tuple[list[dict], dict, dict, dict]:
     rows, cpu, ramps, sample = [], {}, {}, {}
     procs: dict[str, list] = {}
     for b in args.batches:
         for variant in ("base", "mixed"):
-            for stream in (False, True):
+            for stream in streams:
                 bodies = [{"model": served.base_model if variant == "base" else names[i % len(names)],
                            "prompt": [5, 6, 7, 8, 9, 10, 11, 12], "max_tokens": args.tokens, "temperature": 0,
                            "ignore_eos": True} for i in range(b)]
@@ -276,7 +281,14 @@ def run(args: argparse.Namespace) -> dict:
                 compare.warm_up(served, [a.name for a in specs], args.progress)
                 rows, cpu[front], ramps[front], sample[front] = over_http(args, served, [a.name for a in specs])
                 listening[front] = listeners(int(served.url.rsplit(":", 1)[1]))
-            http_rows += [{"front": front, **r} for r in rows]
+            http_rows += [{"front": front, "stream_interval": 1, **r} for r in rows]
+        for interval in args.stream_intervals:  # streamed events of several tokens: what they save
+            server = replace(compare.server_config(args, num_pages=2048, stream_interval=interval),
+                             front=args.fronts[0])
+            with compare.local_server(Path(d), specs, server, args.progress) as served:
+                compare.warm_up(served, [a.name for a in specs], args.progress)
+                rows, _, _, _ = over_http(args, served, [a.name for a in specs], streams=(True,))
+            http_rows += [{"front": args.fronts[0], "stream_interval": interval, **r} for r in rows]
         after = engine_alone(args, model_dir, peft_dirs)  # the servers gone again
     # Each case's engine rate is the faster of its two measurements: a stretch of the run that other work
     # slowed cannot flatter the HTTP / engine ratios.
@@ -295,13 +307,19 @@ def run(args: argparse.Namespace) -> dict:
         for v in ("base", "mixed"):
             ratios[f"HTTP / engine at batch {b} ({v}{_behind(front)})"] = next(
                 r["http_over_engine"] for r in mine if r["batch"] == b and r["variant"] == v and not r["stream"])
-        single = next((r for r in mine if r["batch"] == 1 and r["variant"] == "base" and r["stream"]), None)
+        for r in mine:
+            if r["batch"] == b and r["stream"]:
+                ratios[f"streamed HTTP / engine at batch {b} ({r['variant']}{_behind(front)}"
+                       f"{_interval(r['stream_interval'])})"] = r["http_over_engine"]
+        single = next((r for r in mine if r["batch"] == 1 and r["variant"] == "base" and r["stream"]
+                       and r["stream_interval"] == 1), None)
         if single and single["tpot_ms_p50"] and step_ms:
             ratios[f"single-request TPOT / engine batch-1 step{_behind(front)}"] = single["tpot_ms_p50"] / step_ms
     return {
         "comparison": NAME, "anchor": ANCHOR,
         "config": {"tp": args.tp, "adapters": args.adapters, "rank": args.rank, "tokens": args.tokens,
                    "waves": args.waves, "batches": args.batches, "fronts": args.fronts,
+                   "stream_intervals": [1, *args.stream_intervals],
                    "model": compare.model_info(args), "device": "cpu"},
         "engine": engine_rows, "http": http_rows, "cpu_us_per_token": cpu, "cpu_sample": sample,
         "wave_ramp": ramps, "ratios": ratios,
@@ -314,14 +332,20 @@ def _behind(front: str) -> str:
     return "" if front == FRONTS[0] else f", behind {front}"
 
 
+def _interval(k: int) -> str:
+    """How a ratio's name tells the stream interval: nothing for 1 (an event per token)."""
+    return "" if k == 1 else f", stream interval {k}"
+
+
 def report(result: dict) -> list[str]:
     c = result["config"]
     lines = [f"TP={c['tp']}, {c['model']}; {c['tokens']} tokens per request, {c['waves']} waves each; mixed = "
              f"{c['adapters']} BD-LoRA adapters of rank {c['rank']}", ""]
     lines += compare.markdown_table(
-        ["front", "batch", "variant", "streamed", "engine tok/s", "HTTP tok/s", "HTTP / engine", "TTFT p50 ms",
+        ["front", "batch", "variant", "streamed", "stream interval", "engine tok/s", "HTTP tok/s", "HTTP / engine", "TTFT p50 ms",
          "TPOT p50 ms", "TPOT p90 ms"],
-        [[r["front"], r["batch"], r["variant"], "yes" if r["stream"] else "no", r["engine_tokens_per_s"],
+        [[r["front"], r["batch"], r["variant"], "yes" if r["stream"] else "no", r["stream_interval"],
+          r["engine_tokens_per_s"],
           r["tokens_per_s"], r["http_over_engine"], _f(r["ttft_ms_p50"]), _f(r["tpot_ms_p50"]), _f(r["tpot_ms_p90"])]
          for r in result["http"]])
     b = max(c["batches"])

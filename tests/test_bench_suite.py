@@ -343,19 +343,23 @@ def test_modes_comparison_end_to_end_tiny(tmp_path):
 @pytest.mark.slow
 def test_tax_comparison_end_to_end_tiny(tmp_path):
     """`python -m bench tax` at the smallest size: engine alone, then HTTP in every variant behind each
-    front (Serve's Python proxy, HAProxy), CPU per token of each serving process, the ratio last."""
+    front (Serve's Python proxy, HAProxy) and streamed at a stream interval of 2 tokens, CPU per token
+    of each serving process, the ratio last."""
     out, png = tmp_path / "tax.json", tmp_path / "tax.png"
     cmd = [sys.executable, "-m", "bench", "tax", "--batches", "1", "2", "--waves", "1", "--tokens", "4", "--steps",
-           "2", "--no-progress", "--json", str(out), "--plot", str(png)]
+           "2", "--stream-intervals", "2", "--no-progress", "--json", str(out), "--plot", str(png)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
     assert lines[-1].startswith("HTTP / engine at batch 2: ") and lines[-1].endswith("x")
     assert lines[-3].startswith("HTTP / engine at batch 2 (base, behind haproxy): ")
     result = json.loads(out.read_text())
-    rows = {(r["front"], r["batch"], r["variant"], r["stream"]): r for r in result["http"]}
-    assert set(rows) == {(f, b, v, s) for f in ("python", "haproxy") for b in (1, 2) for v in ("base", "mixed")
-                         for s in (False, True)}
+    rows = {(r["front"], r["batch"], r["variant"], r["stream"], r["stream_interval"]): r for r in result["http"]}
+    assert set(rows) == {(f, b, v, s, 1) for f in ("python", "haproxy") for b in (1, 2) for v in ("base", "mixed")
+                         for s in (False, True)} | {("python", b, v, True, 2) for b in (1, 2)
+                                                    for v in ("base", "mixed")}
+    assert result["ratios"]["streamed HTTP / engine at batch 2 (mixed, stream interval 2)"] == pytest.approx(
+        rows[("python", 2, "mixed", True, 2)]["http_over_engine"])
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["http_over_engine"] == pytest.approx(
             r["tokens_per_s"] / r["engine_tokens_per_s"])

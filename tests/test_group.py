@@ -178,6 +178,40 @@ def test_a_request_that_is_not_streamed_wakes_its_reader_at_its_first_and_last_e
     assert "".join(o.text for o in whole) == "".join(o.text for o in streamed)
 
 
+@pytest.mark.parametrize("interval", [4, 7])
+def test_stream_interval_hands_over_every_n_tokens_with_the_same_output(served, interval):
+    """EngineConfig.stream_interval: a streamed request's reader is woken at its first event (TTFT),
+    then once per `interval` new tokens, then at its last; tokens and text as with an event per token."""
+    group, _, _ = served
+    prompt, n = [41, 42, 43], 30
+    config = group.config
+
+    async def go():
+        # Read the events as they are handed over (no merging by a busy reader): one by one, idle.
+        every = [out async for out in group.generate(greedy(f"every{interval}", prompt, "ad02", n=n, ignore_eos=True))]
+        group.config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, stream_interval=interval))
+        try:
+            before = group.deliveries
+            chunked = [out async for out in group.generate(greedy(f"chunk{interval}", prompt, "ad02", n=n,
+                                                                  ignore_eos=True))]
+            return every, chunked, group.deliveries - before
+        finally:
+            group.config = config
+
+    every, chunked, deliveries = asyncio.run(go())
+    assert [t for o in chunked for t in o.token_ids] == [t for o in every for t in o.token_ids]
+    assert len([t for o in every for t in o.token_ids]) == n
+    assert "".join(o.text for o in chunked) == "".join(o.text for o in every)
+    # Handed over: the first token alone, then `interval` tokens at a time, the rest with the last event
+    # (a reader that falls behind reads several hand-overs as one event, so its events end at a subset).
+    assert deliveries == 1 + -(-(n - 1) // interval)
+    ends = {1, *range(1 + interval, n, interval), n}
+    read = [sum(len(o.token_ids) for o in chunked[:i + 1]) for i in range(len(chunked))]
+    assert set(read) <= ends and read[-1] == n and len(chunked) <= deliveries, (read, ends)
+    assert chunked[-1].finished and not any(o.finished for o in chunked[:-1])
+    assert chunked[-1].completion_tokens == n
+
+
 def test_worker_killed_mid_request_ends_it_with_503_then_group_rebuilds(served):
     """Runs last in this module: it breaks and rebuilds the shared group."""
     group, ckpt, peft = served

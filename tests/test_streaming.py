@@ -121,3 +121,30 @@ def test_cancelling_the_consumer_closes_the_source():
 
     log = asyncio.run(main())
     assert log[-1] == "closed" and len(log) < 1000
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_stream_offer_holds_events_until_the_interval_and_never_the_first_or_last(interval):
+    """The engine-thread side of a group's stream (bdlora_ray.group._Stream.offer)."""
+    from bdlora_ray.group import _Stream
+
+    loop = asyncio.new_event_loop()  # only named by the streams: nothing runs on it
+    stream = _Stream(loop, interval=interval)
+    evs = events(8)
+    handed = [outs for ev in evs if (outs := stream.offer(ev)) is not None]
+    assert [sum(len(o.token_ids) for o in outs) for outs in handed] == (
+        [1] * 8 if interval == 1 else [1, 3, 3, 1])
+    assert [o for outs in handed for o in outs] == evs  # every event once, in order
+    assert handed[-1][-1].finished
+    # A request that is not streamed: its first event, then all the rest with its last.
+    whole = _Stream(loop, whole=True, interval=interval)
+    assert [len(outs) for ev in evs if (outs := whole.offer(ev)) is not None] == [1, 7]
+    loop.close()
+
+
+def test_stream_interval_must_be_positive():
+    from bdlora_ray.engine import EngineConfig
+    from bdlora_ray.group import GroupConfig
+
+    with pytest.raises(ValueError, match="stream_interval"):
+        GroupConfig(model_path="m", engine=EngineConfig(stream_interval=0))
