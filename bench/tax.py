@@ -15,7 +15,7 @@
    servers), each on a server of its own, against the same engine-alone figures. With
    `--stream-intervals`, one more server per interval on the first front (EngineConfig.stream_interval:
    tokens per streamed event), streamed waves only.
-3. During the batch-32 non-streamed waves, the CPU time of each serving process (psutil: the HTTP
+3. During the batch-32 waves (streamed and not), the CPU time of each serving process (psutil: the HTTP
    front (the Serve proxy; or HAProxy and its manager actor), the ingress replica, the group replica
    that runs rank 0, the rank > 0 worker actors, this client) per generated token, and the group
    replica's split into its engine thread and the rest.
@@ -230,7 +230,8 @@ def over_http(args: argparse.Namespace, served: compare.Served, names: list[str]
                 bodies = [{"model": served.base_model if variant == "base" else names[i % len(names)],
                            "prompt": [5, 6, 7, 8, 9, 10, 11, 12], "max_tokens": args.tokens, "temperature": 0,
                            "ignore_eos": True} for i in range(b)]
-                measure = b == max(args.batches) and not stream
+                measure = b == max(args.batches)
+                key = f"{variant}, streamed" if stream else variant
                 before: dict[str, float] = {}
                 threads: dict[tuple[int, int, str], float] = {}
 
@@ -252,14 +253,15 @@ def over_http(args: argparse.Namespace, served: compare.Served, names: list[str]
                             if x["tokens"] > 1:
                                 tpot.append((x["done_s"] - x["first_s"]) / (x["tokens"] - 1))
                 if measure:
-                    cpu[variant] = {r: 1e6 * (_cpu_s(ps) - before[r]) / tokens for r, ps in procs.items()}
+                    cpu[key] = {r: 1e6 * (_cpu_s(ps) - before[r]) / tokens for r, ps in procs.items()}
                     threads_now = _thread_cpu_s(procs["group replica (rank 0)"])
-                    cpu[variant].update(_split(threads, threads_now, tokens))
+                    cpu[key].update(_split(threads, threads_now, tokens))
                     # What the figures rest on: the kernel counts CPU time in ticks, each thread's apart, so
                     # the split may round past the whole by up to a tick for each thread that ran.
-                    sample[variant] = {"tokens": tokens, "group_threads_ran": sum(
+                    sample[key] = {"tokens": tokens, "group_threads_ran": sum(
                         1 for k, t in threads_now.items() if t != threads.get(k, 0.0))}
-                    ramps[variant] = _ramp(waves)
+                    if not stream:
+                        ramps[variant] = _ramp(waves)
                 rows.append({"batch": b, "variant": variant, "stream": stream, "tokens_per_s": tokens / sum(walls),
                              "ttft_ms_p50": 1e3 * percentile(ttft, 50) if ttft else None,
                              "tpot_ms_p50": 1e3 * percentile(tpot, 50) if tpot else None,
@@ -287,7 +289,8 @@ def run(args: argparse.Namespace) -> dict:
                              front=args.fronts[0])
             with compare.local_server(Path(d), specs, server, args.progress) as served:
                 compare.warm_up(served, [a.name for a in specs], args.progress)
-                rows, _, _, _ = over_http(args, served, [a.name for a in specs], streams=(True,))
+                rows, cpu[f"{args.fronts[0]}{_interval(interval)}"], _, _ = over_http(
+                    args, served, [a.name for a in specs], streams=(True,))
             http_rows += [{"front": args.fronts[0], "stream_interval": interval, **r} for r in rows]
         after = engine_alone(args, model_dir, peft_dirs)  # the servers gone again
     # Each case's engine rate is the faster of its two measurements: a stretch of the run that other work
@@ -352,7 +355,7 @@ def report(result: dict) -> list[str]:
     cpu = result["cpu_us_per_token"]
     if cpu:
         cols = [(front, v) for front in cpu for v in cpu[front]]
-        lines += ["", f"CPU time per generated token (us), batch {b}, not streamed:", ""]
+        lines += ["", f"CPU time per generated token (us), batch {b}:", ""]
         lines += compare.markdown_table(["process", *(f"{front}: {v}" for front, v in cols)],
                                         [[role, *(cpu[front][v][role] for front, v in cols)]
                                          for role in (*ROLES, *SPLIT)])
