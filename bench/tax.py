@@ -3,7 +3,9 @@
 1. Engine alone (as bench/decode.py: two plain processes over gloo, rank 0 steps the engine by hand):
    decode tokens/s at batch 1, 8 and 32, base model and mixed adapters, each the fastest of 3 windows
    of `--steps` steps, measured before the servers start and again after they stop, the faster of the
-   two kept (a stretch another process slowed would flatter the ratio).
+   two kept (a stretch another process slowed would flatter the ratio). With `--rounds R`, steps 2
+   and 3 run R times, the engine alone measured between rounds; each ratio is then the median over
+   rounds of the ratio within a round (against the engine measured just before and after it).
 2. The whole system over HTTP on the same model, TP degree and adapters (`compare.local_server`: a
    Serve app exactly as `serve run deploy:app`): closed waves of B concurrent `/v1/completions` of
    `--tokens` tokens each (greedy, EOS ignored), base and mixed adapters, streamed and not. Each case
@@ -68,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-intervals", type=int, nargs="*", default=[],
                    help="also serve at these stream intervals (tokens per streamed event; the fronts' servers "
                         "use 1), on the first front, streamed waves only")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="rounds of every server's waves, the engine alone measured between them; each ratio "
+                        "the median over rounds of its ratio within a round")
 
 
 # ---- 1. engine alone ------------------------------------------------------------------------------
@@ -273,35 +278,30 @@ def over_http(args: argparse.Namespace, served: compare.Served, names: list[str]
 
 def run(args: argparse.Namespace) -> dict:
     specs = [DemoAdapter(f"tax-{k}", args.rank, True, "bd", seed=3000 + k) for k in range(args.adapters)]
+    names = [a.name for a in specs]
+    # The servers of a round: one per front, then one per extra stream interval on the first front.
+    servers = [(front, 1) for front in args.fronts] + [(args.fronts[0], k) for k in args.stream_intervals]
     http_rows, cpu, ramps, sample, listening = [], {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-tax-") as d:
         model_dir, peft_dirs = compare.write_files(Path(d), specs, args.tp, args.model)
-        before = engine_alone(args, model_dir, peft_dirs)  # no server running
-        for front in args.fronts:  # one server each, one after the other, against the same engine figures
-            server = replace(compare.server_config(args, num_pages=2048), front=front)
-            with compare.local_server(Path(d), specs, server, args.progress) as served:
-                compare.warm_up(served, [a.name for a in specs], args.progress)
-                rows, cpu[front], ramps[front], sample[front] = over_http(args, served, [a.name for a in specs])
-                listening[front] = listeners(int(served.url.rsplit(":", 1)[1]))
-            http_rows += [{"front": front, "stream_interval": 1, **r} for r in rows]
-        for interval in args.stream_intervals:  # streamed events of several tokens: what they save
-            server = replace(compare.server_config(args, num_pages=2048, stream_interval=interval),
-                             front=args.fronts[0])
-            with compare.local_server(Path(d), specs, server, args.progress) as served:
-                compare.warm_up(served, [a.name for a in specs], args.progress)
-                rows, cpu[f"{args.fronts[0]}{_interval(interval)}"], _, _ = over_http(
-                    args, served, [a.name for a in specs], streams=(True,))
-            http_rows += [{"front": args.fronts[0], "stream_interval": interval, **r} for r in rows]
-        after = engine_alone(args, model_dir, peft_dirs)  # the servers gone again
-    # Each case's engine rate is the faster of its two measurements: a stretch of the run that other work
-    # slowed cannot flatter the HTTP / engine ratios.
-    engine_rows = [{**b, "tokens_per_s": max(b["tokens_per_s"], a["tokens_per_s"]),
-                    "tokens_per_s_before": b["tokens_per_s"], "tokens_per_s_after": a["tokens_per_s"]}
-                   for b, a in zip(before, after)]
+        engines = [engine_alone(args, model_dir, peft_dirs)]  # no server running
+        for rnd in range(args.rounds):
+            # One server after the other (in reverse order every other round), against the engine
+            # figures measured just before and just after them; the CPU figures are the last round's.
+            for front, interval in servers if rnd % 2 == 0 else servers[::-1]:
+                server = replace(compare.server_config(args, num_pages=2048, stream_interval=interval), front=front)
+                with compare.local_server(Path(d), specs, server, args.progress) as served:
+                    compare.warm_up(served, names, args.progress)
+                    if interval == 1:
+                        rows, cpu[front], ramps[front], sample[front] = over_http(args, served, names)
+                        listening[front] = listeners(int(served.url.rsplit(":", 1)[1]))
+                    else:  # streamed events of several tokens: what they save
+                        rows, cpu[f"{front}{_interval(interval)}"], _, _ = over_http(args, served, names,
+                                                                                       streams=(True,))
+                http_rows += [{"front": front, "stream_interval": interval, "round": rnd, **r} for r in rows]
+            engines.append(engine_alone(args, model_dir, peft_dirs))  # the servers gone again
+    engine_rows, http_rows = aggregate(engines, http_rows)
     engine = {(r["batch"], r["variant"]): r["tokens_per_s"] for r in engine_rows}
-    for r in http_rows:
-        r["engine_tokens_per_s"] = engine[(r["batch"], r["variant"])]
-        r["http_over_engine"] = r["tokens_per_s"] / r["engine_tokens_per_s"]
     b = max(args.batches)
     step_ms = 1e3 / engine[(1, "base")] if (1, "base") in engine else None
     ratios = {}
@@ -322,12 +322,45 @@ def run(args: argparse.Namespace) -> dict:
         "comparison": NAME, "anchor": ANCHOR,
         "config": {"tp": args.tp, "adapters": args.adapters, "rank": args.rank, "tokens": args.tokens,
                    "waves": args.waves, "batches": args.batches, "fronts": args.fronts,
-                   "stream_intervals": [1, *args.stream_intervals],
+                   "stream_intervals": [1, *args.stream_intervals], "rounds": args.rounds,
                    "model": compare.model_info(args), "device": "cpu"},
         "engine": engine_rows, "http": http_rows, "cpu_us_per_token": cpu, "cpu_sample": sample,
         "wave_ramp": ramps, "ratios": ratios,
         "front_processes": listening,
     }
+
+
+def aggregate(engines: list[list[dict]], rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Engine-alone measurements (one before the first round, one after each) and the HTTP rows of every
+    round, as one row per case. A round's engine rate is the faster of the two measurements around it
+    (a stretch that other work slowed cannot flatter its ratios); each HTTP case's ratio is the median
+    over rounds of its ratio within a round, so that a slow spell hits both sides of each quotient; its
+    rates and latencies are the medians over rounds, each round's kept in `rounds`."""
+    keys = [(e["batch"], e["variant"]) for e in engines[0]]
+    measured = {k: [next(e["tokens_per_s"] for e in m if (e["batch"], e["variant"]) == k) for m in engines]
+                for k in keys}
+    per_round = {k: [max(v[i], v[i + 1]) for i in range(len(v) - 1)] for k, v in measured.items()}
+    engine_rows = [{"batch": k[0], "variant": k[1], "tokens_per_s": percentile(per_round[k], 50),
+                    "rounds": per_round[k], "measurements": measured[k]} for k in keys]
+    cases: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cases.setdefault((r["front"], r["stream_interval"], r["batch"], r["variant"], r["stream"]), []).append(r)
+    out = []
+    for group in cases.values():
+        for r in group:
+            r["engine_tokens_per_s"] = per_round[(r["batch"], r["variant"])][r["round"]]
+            r["http_over_engine"] = r["tokens_per_s"] / r["engine_tokens_per_s"]
+
+        def median(field: str) -> float | None:
+            vals = [r[field] for r in group if r[field] is not None]
+            return percentile(vals, 50) if vals else None
+
+        figures = ("tokens_per_s", "engine_tokens_per_s", "http_over_engine", "ttft_ms_p50", "tpot_ms_p50",
+                   "tpot_ms_p90")
+        out.append({**{k: group[0][k] for k in ("front", "stream_interval", "batch", "variant", "stream")},
+                    **{f: median(f) for f in figures},
+                    "rounds": [{k: r[k] for k in ("round", *figures)} for r in group]})
+    return engine_rows, out
 
 
 def _behind(front: str) -> str:
@@ -342,11 +375,13 @@ def _interval(k: int) -> str:
 
 def report(result: dict) -> list[str]:
     c = result["config"]
+    rounds = c.get("rounds", 1)
     lines = [f"TP={c['tp']}, {c['model']}; {c['tokens']} tokens per request, {c['waves']} waves each; mixed = "
-             f"{c['adapters']} BD-LoRA adapters of rank {c['rank']}", ""]
+             f"{c['adapters']} BD-LoRA adapters of rank {c['rank']}"
+             + (f"; medians over {rounds} rounds" if rounds > 1 else ""), ""]
     lines += compare.markdown_table(
-        ["front", "batch", "variant", "streamed", "stream interval", "engine tok/s", "HTTP tok/s", "HTTP / engine", "TTFT p50 ms",
-         "TPOT p50 ms", "TPOT p90 ms"],
+        ["front", "batch", "variant", "streamed", "stream interval", "engine tok/s", "HTTP tok/s", "HTTP / engine",
+         "TTFT p50 ms", "TPOT p50 ms", "TPOT p90 ms"],
         [[r["front"], r["batch"], r["variant"], "yes" if r["stream"] else "no", r["stream_interval"],
           r["engine_tokens_per_s"],
           r["tokens_per_s"], r["http_over_engine"], _f(r["ttft_ms_p50"]), _f(r["tpot_ms_p50"]), _f(r["tpot_ms_p90"])]
