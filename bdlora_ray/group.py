@@ -374,7 +374,7 @@ class EngineGroup:
         if req.adapter is not None:
             check_name(req.adapter)
         stream = _Stream(asyncio.get_running_loop(), whole=not req.stream,
-                         interval=self.config.engine.stream_interval)
+                         interval=self.engine.config.stream_interval)
         self.engine.submit(req, stream)
         done = started = False
         try:

@@ -555,31 +555,35 @@ async def _collect(r: _Run) -> None:
 
 
 async def _stream(runs: list[_Run], rid: str, model: str, include_usage: bool, fmt: _Format) -> AsyncIterator[str]:
-    """The server-sent events of a response's choices, from their first engine events; ends with [DONE]."""
+    """The server-sent events of a response's choices, from their first engine events; ends with [DONE].
+    The events that one engine event makes (with the first, the openings; with the last, the finish,
+    usage and [DONE] events) go out as one piece: one message per engine event through the serving path."""
     try:
-        for r in runs:
-            for c in fmt.opening(rid, model, r.index):
-                yield sse(c)
+        out = [sse(c) for r in runs for c in fmt.opening(rid, model, r.index)]
         failed = False
         async for r, ev in _merged(runs):
             if isinstance(ev, BdloraError):  # headers are sent: report it in the stream
-                yield sse(error_body(str(ev), error_type(ev.http_status), ev.code))
+                out.append(sse(error_body(str(ev), error_type(ev.http_status), ev.code)))
                 failed = True
                 break
             r.acct.see(ev)
             if ev.finish_reason == "error":
                 e = _engine_error(ev)
-                yield sse(error_body(e.message, error_type(e.status), e.code))
+                out.append(sse(error_body(e.message, error_type(e.status), e.code)))
                 failed = True
                 break
             text, r.echo = r.echo + ev.text, ""
             logprobs = fmt.logprobs(ev.logprobs, r.chars) if ev.logprobs is not None else None
             r.chars += len(text)
-            for c in fmt.chunk(rid, model, r.index, text, ev.finish_reason if ev.finished else None, logprobs):
-                yield sse(c)
+            out += [sse(c) for c in fmt.chunk(rid, model, r.index, text, ev.finish_reason if ev.finished else None,
+                                              logprobs)]
+            if out and not (ev.finished and len(runs) == 1):  # the last event's go with the rest, below
+                yield "".join(out)
+                out = []
         if include_usage and not failed:
-            yield sse(fmt.usage_chunk(rid, model, _usage(runs)))
-        yield sse("[DONE]")
+            out.append(sse(fmt.usage_chunk(rid, model, _usage(runs))))
+        out.append(sse("[DONE]"))
+        yield "".join(out)
     finally:
         await _close(runs)  # not finished (client gone): aborts the requests
 

@@ -184,19 +184,19 @@ def test_stream_interval_hands_over_every_n_tokens_with_the_same_output(served, 
     then once per `interval` new tokens, then at its last; tokens and text as with an event per token."""
     group, _, _ = served
     prompt, n = [41, 42, 43], 30
-    config = group.config
+    config = group.engine.config
 
     async def go():
         # Read the events as they are handed over (no merging by a busy reader): one by one, idle.
         every = [out async for out in group.generate(greedy(f"every{interval}", prompt, "ad02", n=n, ignore_eos=True))]
-        group.config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, stream_interval=interval))
+        group.engine.config = dataclasses.replace(config, stream_interval=interval)
         try:
             before = group.deliveries
             chunked = [out async for out in group.generate(greedy(f"chunk{interval}", prompt, "ad02", n=n,
                                                                   ignore_eos=True))]
             return every, chunked, group.deliveries - before
         finally:
-            group.config = config
+            group.engine.config = config
 
     every, chunked, deliveries = asyncio.run(go())
     assert [t for o in chunked for t in o.token_ids] == [t for o in every for t in o.token_ids]

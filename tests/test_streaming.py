@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 from bdlora_ray.errors import AdapterNotFound, ReplicaGroupFailed
-from bdlora_ray.request import RequestOutput, coalesced, merge_outputs
+from bdlora_ray.request import RequestOutput, SamplingParams, coalesced, merge_outputs
 
 
 def events(n: int, rid: str = "r") -> list[RequestOutput]:
@@ -148,3 +149,33 @@ def test_stream_interval_must_be_positive():
 
     with pytest.raises(ValueError, match="stream_interval"):
         GroupConfig(model_path="m", engine=EngineConfig(stream_interval=0))
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+def test_sse_stream_sends_one_piece_per_engine_event(chat):
+    """deploy.api._stream: the openings go with the first engine event, the finish, usage and [DONE]
+    events with the last, so each engine event crosses the serving path as one message."""
+    from deploy.api import _Accounting, _ChatFormat, _Format, _Run, _stream
+    from deploy.metrics import ApiMetrics
+    from deploy.serving import PromptInput
+
+    evs = events(4)
+
+    async def rest():
+        for ev in evs[1:]:
+            yield ev
+
+    async def go() -> list[str]:
+        run = _Run(0, PromptInput("r", None, SamplingParams(max_tokens=4), text="x"), 0, events=rest(),
+                   first=evs[0], acct=_Accounting(ApiMetrics(), None, 0.0))
+        return [piece async for piece in _stream([run], "r", "m", True, _ChatFormat() if chat else _Format())]
+
+    pieces = asyncio.run(go())
+    assert len(pieces) == len(evs)
+    blocks = [[json.loads(b[6:]) if b != "data: [DONE]" else b for b in p.split("\n\n") if b] for p in pieces]
+    assert blocks[-1][-1] == "data: [DONE]" and blocks[-1][-2]["usage"]["completion_tokens"] == 4
+    text = "".join(c["choices"][0]["delta"].get("content", "") if chat else c["choices"][0]["text"]
+                   for p in blocks for c in p if c != "data: [DONE]" and c["choices"])
+    assert text == "<0><1><2><3>"
+    if chat:  # the role's opening chunk and the first token's in one piece
+        assert blocks[0][0]["choices"][0]["delta"] == {"role": "assistant", "content": ""} and len(blocks[0]) == 2
