@@ -165,7 +165,8 @@ class _Stream:
     A request that is not streamed (`whole`) wakes its reader twice: at its first event, then at its
     last, with the events between held on the engine thread and merged into it. A streamed one with
     an `interval` > 1 is handed over at its first event, then whenever `interval` new tokens are held,
-    and at its last (EngineConfig.stream_interval)."""
+    and at its last (EngineConfig.stream_interval; a step with many streams raises it for all of
+    them, EngineConfig.stream_events_per_step)."""
 
     __slots__ = ("loop", "pending", "ready", "whole", "interval", "started", "held", "held_tokens")
 
@@ -179,11 +180,13 @@ class _Stream:
         self.held: list[RequestOutput] = []  # engine thread only: events not handed over yet
         self.held_tokens = 0                 # engine thread only: their tokens
 
-    def offer(self, out: RequestOutput) -> list[RequestOutput] | None:  # engine thread
-        """The events to hand over now, `out` last; None while `out` is held back."""
+    def offer(self, out: RequestOutput, at_least: int = 1) -> list[RequestOutput] | None:  # engine thread
+        """The events to hand over now, `out` last; None while `out` is held back (until `interval`
+        new tokens, or `at_least` if more)."""
         if self.started and not out.finished:
             tokens = self.held_tokens + len(out.token_ids)
-            if self.whole or (self.interval > 1 and tokens < self.interval):
+            interval = max(self.interval, at_least)
+            if self.whole or (interval > 1 and tokens < interval):
                 self.held.append(out)
                 self.held_tokens = tokens
                 return None
@@ -282,10 +285,13 @@ class EngineGroup:
 
     def _deliver(self, batch: list[tuple[Any, RequestOutput]]) -> None:
         """A step's outputs: one hand-over per event loop that has readers to wake in the batch (a
-        request that is not streamed is held here between its first event and its last)."""
+        request that is not streamed is held here between its first event and its last; with more
+        streams than the step's event budget, each holds its tokens until ceil(streams / budget))."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        budget = self.engine.config.stream_events_per_step
+        at_least = -(-sum(1 for stream, _ in batch if not stream.whole) // budget) if budget > 0 else 1
         for stream, out in batch:
-            if (outs := stream.offer(out)) is not None:
+            if (outs := stream.offer(out, at_least)) is not None:
                 by_loop.setdefault(stream.loop, []).append((stream, outs))
         for loop, items in by_loop.items():
             self.deliveries += 1

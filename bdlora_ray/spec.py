@@ -58,6 +58,10 @@ class EngineConfig:
     # last excepted): fewer, larger messages through the serving path at the price of a burstier
     # stream (vLLM's stream_interval; 1: an event per token).
     stream_interval: int = 1
+    # Under load, at most about this many streamed events per step: with more streams running, each
+    # event carries ceil(streams / N) tokens or more, so the serving path's per-event CPU stays
+    # bounded as the batch grows (0: no limit; up to N streams, an event per token).
+    stream_events_per_step: int = 16
 
     @classmethod
     def from_overrides(cls, overrides: Mapping[str, Any], what: str = "engine settings") -> EngineConfig:
@@ -93,8 +97,9 @@ class GroupConfig:
     def __post_init__(self) -> None:
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
-        if self.engine.stream_interval < 1:
-            raise ValueError(f"stream_interval must be >= 1, got {self.engine.stream_interval}")
+        if self.engine.stream_interval < 1 or self.engine.stream_events_per_step < 0:
+            raise ValueError(f"need stream_interval >= 1 and stream_events_per_step >= 0, got "
+                             f"{self.engine.stream_interval} and {self.engine.stream_events_per_step}")
         if self.max_adapters_per_group < 1 or self.max_ongoing_requests < 1:
             raise ValueError("max_adapters_per_group and max_ongoing_requests must be >= 1")
         if self.s3.max_attempts < 1 or self.s3.connect_timeout_s <= 0 or self.s3.read_timeout_s <= 0:

@@ -71,9 +71,11 @@ def draw_cold(ax, result: dict) -> None:
 def draw_tax(ax, result: dict) -> None:
     rows = result["http"]
     fronts = result["config"]["fronts"]
+    budget = result["config"].get("stream_budgets", [None])[0]  # the servers' default
     labels = [(f"{r['front']}\n" if len(fronts) > 1 else "") + f"{r['batch']} {r['variant']}\n"
               f"{'SSE' if r['stream'] else 'JSON'}"
-              + (f" /{r['stream_interval']}" if r.get("stream_interval", 1) != 1 else "") for r in rows]
+              + (f" /{r['stream_interval']}" if r.get("stream_interval", 1) != 1 else "")
+              + (f" b{r['stream_budget']}" if r.get("stream_budget") not in (None, budget) else "") for r in rows]
     _bars(ax, labels, [r["http_over_engine"] for r in rows], "HTTP tok/s / engine-alone tok/s", "", fmt="{:.2f}")
     ax.axhline(0.8, color="gray", ls="--", lw=1)
     ax.tick_params(axis="x", labelsize=5 if len(fronts) > 1 else 6)

@@ -16,7 +16,8 @@
    default) and HAProxy (Serve's HAProxy mode: HAProxy in front of the ingress replicas' own HTTP
    servers), each on a server of its own, against the same engine-alone figures. With
    `--stream-intervals`, one more server per interval on the first front (EngineConfig.stream_interval:
-   tokens per streamed event), streamed waves only.
+   tokens per streamed event), and with `--stream-budgets` one per budget
+   (EngineConfig.stream_events_per_step: streamed events per step under load), streamed waves only.
 3. During the batch-32 waves (streamed and not), the CPU time of each serving process (psutil: the HTTP
    front (the Serve proxy; or HAProxy and its manager actor), the ingress replica, the group replica
    that runs rank 0, the rank > 0 worker actors, this client) per generated token, and the group
@@ -43,8 +44,11 @@ import aiohttp
 from bench import compare
 from bench.engine_alone import measure as engine_alone_measure
 from bench.runner import percentile
+from bdlora_ray.spec import EngineConfig
 from deploy.cluster_env import FRONTS
 from deploy.seed import DemoAdapter
+
+BUDGET = EngineConfig().stream_events_per_step  # the servers' default streamed events per step
 
 NAME = "tax"
 HELP = "engine-alone vs HTTP decode tokens/s at batch 1/8/32, and serving CPU per token by process"
@@ -70,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-intervals", type=int, nargs="*", default=[],
                    help="also serve at these stream intervals (tokens per streamed event; the fronts' servers "
                         "use 1), on the first front, streamed waves only")
+    p.add_argument("--stream-budgets", type=int, nargs="*", default=[],
+                   help="also serve at these streamed-event budgets per step (0: none; the other servers use "
+                        "the default), on the first front, streamed waves only")
     p.add_argument("--rounds", type=int, default=1,
                    help="rounds of every server's waves, the engine alone measured between them; each ratio "
                         "the median over rounds of its ratio within a round")
@@ -279,8 +286,11 @@ def over_http(args: argparse.Namespace, served: compare.Served, names: list[str]
 def run(args: argparse.Namespace) -> dict:
     specs = [DemoAdapter(f"tax-{k}", args.rank, True, "bd", seed=3000 + k) for k in range(args.adapters)]
     names = [a.name for a in specs]
-    # The servers of a round: one per front, then one per extra stream interval on the first front.
-    servers = [(front, 1) for front in args.fronts] + [(args.fronts[0], k) for k in args.stream_intervals]
+    # The servers of a round: one per front, then one per extra stream interval or event budget on the
+    # first front.
+    first = args.fronts[0]
+    servers = ([(front, 1, BUDGET) for front in args.fronts] + [(first, k, BUDGET) for k in args.stream_intervals]
+               + [(first, 1, n) for n in args.stream_budgets])
     http_rows, cpu, ramps, sample, listening = [], {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-tax-") as d:
         model_dir, peft_dirs = compare.write_files(Path(d), specs, args.tp, args.model)
@@ -288,17 +298,19 @@ def run(args: argparse.Namespace) -> dict:
         for rnd in range(args.rounds):
             # One server after the other (in reverse order every other round), against the engine
             # figures measured just before and just after them; the CPU figures are the last round's.
-            for front, interval in servers if rnd % 2 == 0 else servers[::-1]:
-                server = replace(compare.server_config(args, num_pages=2048, stream_interval=interval), front=front)
+            for front, interval, budget in servers if rnd % 2 == 0 else servers[::-1]:
+                server = replace(compare.server_config(args, num_pages=2048, stream_interval=interval,
+                                                       stream_events_per_step=budget), front=front)
                 with compare.local_server(Path(d), specs, server, args.progress) as served:
                     compare.warm_up(served, names, args.progress)
-                    if interval == 1:
+                    if (interval, budget) == (1, BUDGET):
                         rows, cpu[front], ramps[front], sample[front] = over_http(args, served, names)
                         listening[front] = listeners(int(served.url.rsplit(":", 1)[1]))
                     else:  # streamed events of several tokens: what they save
-                        rows, cpu[f"{front}{_interval(interval)}"], _, _ = over_http(args, served, names,
+                        rows, cpu[f"{front}{_interval(interval, budget)}"], _, _ = over_http(args, served, names,
                                                                                        streams=(True,))
-                http_rows += [{"front": front, "stream_interval": interval, "round": rnd, **r} for r in rows]
+                http_rows += [{"front": front, "stream_interval": interval, "stream_budget": budget, "round": rnd, **r}
+                              for r in rows]
             engines.append(engine_alone(args, model_dir, peft_dirs))  # the servers gone again
     engine_rows, http_rows = aggregate(engines, http_rows)
     engine = {(r["batch"], r["variant"]): r["tokens_per_s"] for r in engine_rows}
@@ -313,16 +325,17 @@ def run(args: argparse.Namespace) -> dict:
         for r in mine:
             if r["batch"] == b and r["stream"]:
                 ratios[f"streamed HTTP / engine at batch {b} ({r['variant']}{_behind(front)}"
-                       f"{_interval(r['stream_interval'])})"] = r["http_over_engine"]
+                       f"{_interval(r['stream_interval'], r['stream_budget'])})"] = r["http_over_engine"]
         single = next((r for r in mine if r["batch"] == 1 and r["variant"] == "base" and r["stream"]
-                       and r["stream_interval"] == 1), None)
+                       and (r["stream_interval"], r["stream_budget"]) == (1, BUDGET)), None)
         if single and single["tpot_ms_p50"] and step_ms:
             ratios[f"single-request TPOT / engine batch-1 step{_behind(front)}"] = single["tpot_ms_p50"] / step_ms
     return {
         "comparison": NAME, "anchor": ANCHOR,
         "config": {"tp": args.tp, "adapters": args.adapters, "rank": args.rank, "tokens": args.tokens,
                    "waves": args.waves, "batches": args.batches, "fronts": args.fronts,
-                   "stream_intervals": [1, *args.stream_intervals], "rounds": args.rounds,
+                   "stream_intervals": [1, *args.stream_intervals], "stream_budgets": [BUDGET, *args.stream_budgets],
+                   "rounds": args.rounds,
                    "model": compare.model_info(args), "device": "cpu"},
         "engine": engine_rows, "http": http_rows, "cpu_us_per_token": cpu, "cpu_sample": sample,
         "wave_ramp": ramps, "ratios": ratios,
@@ -344,7 +357,8 @@ def aggregate(engines: list[list[dict]], rows: list[dict]) -> tuple[list[dict], 
                     "rounds": per_round[k], "measurements": measured[k]} for k in keys]
     cases: dict[tuple, list[dict]] = {}
     for r in rows:
-        cases.setdefault((r["front"], r["stream_interval"], r["batch"], r["variant"], r["stream"]), []).append(r)
+        cases.setdefault((r["front"], r["stream_interval"], r["stream_budget"], r["batch"], r["variant"], r["stream"]),
+                         []).append(r)
     out = []
     for group in cases.values():
         for r in group:
@@ -357,7 +371,8 @@ def aggregate(engines: list[list[dict]], rows: list[dict]) -> tuple[list[dict], 
 
         figures = ("tokens_per_s", "engine_tokens_per_s", "http_over_engine", "ttft_ms_p50", "tpot_ms_p50",
                    "tpot_ms_p90")
-        out.append({**{k: group[0][k] for k in ("front", "stream_interval", "batch", "variant", "stream")},
+        out.append({**{k: group[0][k] for k in ("front", "stream_interval", "stream_budget", "batch", "variant",
+                                                "stream")},
                     **{f: median(f) for f in figures},
                     "rounds": [{k: r[k] for k in ("round", *figures)} for r in group]})
     return engine_rows, out
@@ -368,9 +383,10 @@ def _behind(front: str) -> str:
     return "" if front == FRONTS[0] else f", behind {front}"
 
 
-def _interval(k: int) -> str:
-    """How a ratio's name tells the stream interval: nothing for 1 (an event per token)."""
-    return "" if k == 1 else f", stream interval {k}"
+def _interval(k: int, budget: int = BUDGET) -> str:
+    """How a ratio's name tells a server's streaming settings: nothing for the defaults."""
+    return ("" if k == 1 else f", stream interval {k}") + (
+        "" if budget == BUDGET else f", {budget} events per step" if budget else ", no event budget")
 
 
 def report(result: dict) -> list[str]:
@@ -380,11 +396,11 @@ def report(result: dict) -> list[str]:
              f"{c['adapters']} BD-LoRA adapters of rank {c['rank']}"
              + (f"; medians over {rounds} rounds" if rounds > 1 else ""), ""]
     lines += compare.markdown_table(
-        ["front", "batch", "variant", "streamed", "stream interval", "engine tok/s", "HTTP tok/s", "HTTP / engine",
-         "TTFT p50 ms", "TPOT p50 ms", "TPOT p90 ms"],
+        ["front", "batch", "variant", "streamed", "stream interval", "event budget", "engine tok/s", "HTTP tok/s",
+         "HTTP / engine", "TTFT p50 ms", "TPOT p50 ms", "TPOT p90 ms"],
         [[r["front"], r["batch"], r["variant"], "yes" if r["stream"] else "no", r["stream_interval"],
-          r["engine_tokens_per_s"],
-          r["tokens_per_s"], r["http_over_engine"], _f(r["ttft_ms_p50"]), _f(r["tpot_ms_p50"]), _f(r["tpot_ms_p90"])]
+          r["stream_budget"], r["engine_tokens_per_s"], r["tokens_per_s"], r["http_over_engine"],
+          _f(r["ttft_ms_p50"]), _f(r["tpot_ms_p50"]), _f(r["tpot_ms_p90"])]
          for r in result["http"]])
     b = max(c["batches"])
     cpu = result["cpu_us_per_token"]

@@ -345,8 +345,9 @@ def test_tax_rounds_take_the_median_of_per_round_ratios_against_the_engine_aroun
 
     # The engine alone measured 4 times around 3 rounds; round i is held to the faster of i and i + 1.
     engines = [[{"batch": 32, "variant": "base", "tokens_per_s": t}] for t in (100.0, 80.0, 120.0, 90.0)]
-    http = [{"front": "python", "stream_interval": 1, "batch": 32, "variant": "base", "stream": False,
-             "round": i, "tokens_per_s": t, "ttft_ms_p50": None, "tpot_ms_p50": None, "tpot_ms_p90": None}
+    http = [{"front": "python", "stream_interval": 1, "stream_budget": 16, "batch": 32, "variant": "base",
+             "stream": False, "round": i, "tokens_per_s": t, "ttft_ms_p50": None, "tpot_ms_p50": None,
+             "tpot_ms_p90": None}
             for i, t in enumerate((90.0, 60.0, 117.0))]
     engine_rows, rows = aggregate(engines, http)
     assert engine_rows == [{"batch": 32, "variant": "base", "tokens_per_s": 120.0, "rounds": [100.0, 120.0, 120.0],
@@ -372,6 +373,9 @@ def test_tax_comparison_end_to_end_tiny(tmp_path):
     assert lines[-1].startswith("HTTP / engine at batch 2: ") and lines[-1].endswith("x")
     assert lines[-3].startswith("HTTP / engine at batch 2 (base, behind haproxy): ")
     result = json.loads(out.read_text())
+    from bdlora_ray.spec import EngineConfig
+
+    assert {r["stream_budget"] for r in result["http"]} == {EngineConfig().stream_events_per_step}
     rows = {(r["front"], r["batch"], r["variant"], r["stream"], r["stream_interval"]): r for r in result["http"]}
     assert set(rows) == {(f, b, v, s, 1) for f in ("python", "haproxy") for b in (1, 2) for v in ("base", "mixed")
                          for s in (False, True)} | {("python", b, v, True, 2) for b in (1, 2)

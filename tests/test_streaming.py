@@ -179,3 +179,34 @@ def test_sse_stream_sends_one_piece_per_engine_event(chat):
     assert text == "<0><1><2><3>"
     if chat:  # the role's opening chunk and the first token's in one piece
         assert blocks[0][0]["choices"][0]["delta"] == {"role": "assistant", "content": ""} and len(blocks[0]) == 2
+
+
+@pytest.mark.parametrize("streams, budget, every", [(32, 8, 4), (8, 8, 1), (32, 0, 1), (20, 16, 2)])
+def test_a_step_with_more_streams_than_its_event_budget_hands_over_every_few_tokens(streams, budget, every):
+    """EngineGroup._deliver with EngineConfig.stream_events_per_step: each of the step's streams is handed
+    over once per ceil(streams / budget) tokens (its first and last events at once); requests that are
+    not streamed do not count; 0 is no budget."""
+    from types import SimpleNamespace
+
+    from bdlora_ray.engine import EngineConfig
+    from bdlora_ray.group import EngineGroup, _Stream
+
+    loop = asyncio.new_event_loop()
+    group = SimpleNamespace(engine=SimpleNamespace(config=EngineConfig(stream_events_per_step=budget)), deliveries=0)
+    live = [_Stream(loop) for _ in range(streams)]
+    whole = [_Stream(loop, whole=True) for _ in range(40)]  # beside them, not counted
+    n = 13
+    handed: list[list[int]] = []  # per step: the tokens each stream was handed
+    for step in range(n):
+        batch = [(s, ev) for i, s in enumerate(live + whole) for ev in [events(n, f"r{i}")[step]]]
+        EngineGroup._deliver(group, batch)
+        loop.run_until_complete(asyncio.sleep(0))  # the hand-over runs on the readers' loop
+        handed.append([sum(len(o.token_ids) for o in s.pending) for s in live])
+        for s in live + whole:
+            s.pending.clear()
+    loop.close()
+    for i in range(streams):
+        got = [h[i] for h in handed]
+        assert sum(got) == n and got[0] == 1, got
+        assert got[1:-1] == [every if k % every == 0 else 0 for k in range(1, n - 1)], got
+    assert group.deliveries == sum(1 for h in handed if any(h))  # one wake-up per step with anything to hand
