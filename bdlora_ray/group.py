@@ -304,6 +304,18 @@ class EngineGroup:
         return self._executor.submit(self._fetch_on_every_rank, name)
 
     def _fetch_on_every_rank(self, name: str) -> int:
+        if self.workers:
+            # One look at the manifest before the ranks ask for their shards: a missing or invalid adapter
+            # fails here once, not once for each rank that reaches the store after the first has failed
+            # (failures are not cached, so that an adapter pushed later is found); a valid manifest is
+            # cached, and the ranks' lookups find it there.
+            try:
+                ray.get(self.store.manifest.remote(name))
+            except ray.exceptions.RayTaskError as e:
+                raise unwrap(e) from None
+            except ray.exceptions.RayActorError as e:
+                raise AdapterUnavailable(f"adapter {name!r}: the adapter store is restarting "
+                                         f"({type(e).__name__})") from None
         refs = [p.fetch_adapter.remote(name) for p in self.workers]  # the other ranks, concurrently
         errors, n = [], 0
         try:
