@@ -80,14 +80,20 @@ class StoreShardSource:
         self.store = store
 
     def get_shard(self, name: str, tp_rank: int):
-        try:
-            blob = ray.get(self.store.get_shard.remote(name, tp_rank))
-        except ray.exceptions.RayTaskError as e:
-            raise unwrap(e) from None
-        except ray.exceptions.RayActorError as e:  # died or restarting (it has max_restarts): retry later
-            raise AdapterUnavailable(f"adapter {name!r}: the adapter store is restarting "
-                                     f"({type(e).__name__})") from None
+        blob = from_store(self.store.get_shard.remote(name, tp_rank), name)
         return blob.meta, blob.tensors(), blob.version or None
+
+
+def from_store(ref: Any, name: str) -> Any:
+    """The result of an adapter-store call about `name`: its typed error re-raised as such, the store
+    being gone (it has max_restarts: restarting) as AdapterUnavailable, to retry later."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        raise unwrap(e) from None
+    except ray.exceptions.RayActorError as e:
+        raise AdapterUnavailable(f"adapter {name!r}: the adapter store is restarting "
+                                 f"({type(e).__name__})") from None
 
 
 def build_rank(rank: int, config: GroupConfig, init_method: str, store: Any):
@@ -309,13 +315,7 @@ class EngineGroup:
             # fails here once, not once for each rank that reaches the store after the first has failed
             # (failures are not cached, so that an adapter pushed later is found); a valid manifest is
             # cached, and the ranks' lookups find it there.
-            try:
-                ray.get(self.store.manifest.remote(name))
-            except ray.exceptions.RayTaskError as e:
-                raise unwrap(e) from None
-            except ray.exceptions.RayActorError as e:
-                raise AdapterUnavailable(f"adapter {name!r}: the adapter store is restarting "
-                                         f"({type(e).__name__})") from None
+            from_store(self.store.manifest.remote(name), name)
         refs = [p.fetch_adapter.remote(name) for p in self.workers]  # the other ranks, concurrently
         errors, n = [], 0
         try:

@@ -63,6 +63,11 @@ class EngineConfig:
     # bounded as the batch grows (0: no limit; up to N streams, an event per token).
     stream_events_per_step: int = 16
 
+    def __post_init__(self) -> None:
+        if self.stream_interval < 1 or self.stream_events_per_step < 0:
+            raise ValueError(f"need stream_interval >= 1 and stream_events_per_step >= 0, got "
+                             f"{self.stream_interval} and {self.stream_events_per_step}")
+
     @classmethod
     def from_overrides(cls, overrides: Mapping[str, Any], what: str = "engine settings") -> EngineConfig:
         """The defaults with `overrides` applied; an unknown field is refused, naming the known ones."""
@@ -97,9 +102,6 @@ class GroupConfig:
     def __post_init__(self) -> None:
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
-        if self.engine.stream_interval < 1 or self.engine.stream_events_per_step < 0:
-            raise ValueError(f"need stream_interval >= 1 and stream_events_per_step >= 0, got "
-                             f"{self.engine.stream_interval} and {self.engine.stream_events_per_step}")
         if self.max_adapters_per_group < 1 or self.max_ongoing_requests < 1:
             raise ValueError("max_adapters_per_group and max_ongoing_requests must be >= 1")
         if self.s3.max_attempts < 1 or self.s3.connect_timeout_s <= 0 or self.s3.read_timeout_s <= 0:

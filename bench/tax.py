@@ -303,12 +303,12 @@ def run(args: argparse.Namespace) -> dict:
                                                        stream_events_per_step=budget), front=front)
                 with compare.local_server(Path(d), specs, server, args.progress) as served:
                     compare.warm_up(served, names, args.progress)
-                    if (interval, budget) == (1, BUDGET):
-                        rows, cpu[front], ramps[front], sample[front] = over_http(args, served, names)
-                        listening[front] = listeners(int(served.url.rsplit(":", 1)[1]))
+                    key = f"{front}{_streaming(interval, budget)}"  # the front alone for the defaults
+                    if key == front:
+                        rows, cpu[key], ramps[key], sample[key] = over_http(args, served, names)
+                        listening[key] = listeners(int(served.url.rsplit(":", 1)[1]))
                     else:  # streamed events of several tokens: what they save
-                        rows, cpu[f"{front}{_interval(interval, budget)}"], _, _ = over_http(args, served, names,
-                                                                                       streams=(True,))
+                        rows, cpu[key], _, _ = over_http(args, served, names, streams=(True,))
                 http_rows += [{"front": front, "stream_interval": interval, "stream_budget": budget, "round": rnd, **r}
                               for r in rows]
             engines.append(engine_alone(args, model_dir, peft_dirs))  # the servers gone again
@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> dict:
         for r in mine:
             if r["batch"] == b and r["stream"]:
                 ratios[f"streamed HTTP / engine at batch {b} ({r['variant']}{_behind(front)}"
-                       f"{_interval(r['stream_interval'], r['stream_budget'])})"] = r["http_over_engine"]
+                       f"{_streaming(r['stream_interval'], r['stream_budget'])})"] = r["http_over_engine"]
         single = next((r for r in mine if r["batch"] == 1 and r["variant"] == "base" and r["stream"]
                        and (r["stream_interval"], r["stream_budget"]) == (1, BUDGET)), None)
         if single and single["tpot_ms_p50"] and step_ms:
@@ -383,7 +383,7 @@ def _behind(front: str) -> str:
     return "" if front == FRONTS[0] else f", behind {front}"
 
 
-def _interval(k: int, budget: int = BUDGET) -> str:
+def _streaming(k: int, budget: int = BUDGET) -> str:
     """How a ratio's name tells a server's streaming settings: nothing for the defaults."""
     return ("" if k == 1 else f", stream interval {k}") + (
         "" if budget == BUDGET else f", {budget} events per step" if budget else ", no event budget")

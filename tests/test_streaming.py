@@ -149,6 +149,8 @@ def test_stream_interval_must_be_positive():
 
     with pytest.raises(ValueError, match="stream_interval"):
         GroupConfig(model_path="m", engine=EngineConfig(stream_interval=0))
+    with pytest.raises(ValueError, match="stream_events_per_step"):
+        EngineConfig(stream_events_per_step=-1)
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
