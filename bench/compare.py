@@ -69,6 +69,7 @@ class ServerConfig:
     push_workers: int = 8                        # parallel adapter uploads
     ray_temp_dir: str = "/tmp/bdlora-bench"
     front: str = "python"                        # Serve's HTTP front (deploy/cluster_env.py)
+    ingress: str = "auto"                        # where the API runs (ApiConfig.ingress, deploy/app.py)
     startup_timeout_s: float = 300.0
 
     def engine_setting(self, name: str, default: Any) -> Any:
@@ -151,7 +152,7 @@ def local_server(workdir: Path, adapters: Sequence[DemoAdapter], server: ServerC
     from deploy import build_app
     from deploy.cluster_env import cluster_env
     from bdlora_ray.spec import EngineConfig, GroupConfig
-    from deploy.config import AppConfig, ScalingConfig, without_credentials
+    from deploy.config import ApiConfig, AppConfig, ScalingConfig, without_credentials
     for name in ("ray", "ray.serve", "werkzeug", "botocore", "urllib3", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     with local_s3() as s3_env:
@@ -164,7 +165,8 @@ def local_server(workdir: Path, adapters: Sequence[DemoAdapter], server: ServerC
                            worker_cpus=server.worker_cpus, replica_cpus=server.replica_cpus,
                            engine=EngineConfig.from_overrides(dict(server.engine)),
                            max_ongoing_requests=4096, env_vars=without_credentials(s3_env))
-        config = AppConfig(group=spec, scaling=ScalingConfig(min_groups=1, max_groups=1))
+        config = AppConfig(group=spec, scaling=ScalingConfig(min_groups=1, max_groups=1),
+                           api=ApiConfig(model_name=spec.served_name, ingress=server.ingress))
         port = free_port()
         with mock.patch.dict(os.environ, {**_RAY_ENV, **cluster_env(server.front)}):
             ray.init(address="local", num_cpus=server.ray_cpus, include_dashboard=False, log_to_driver=False,

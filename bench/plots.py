@@ -75,7 +75,8 @@ def draw_tax(ax, result: dict) -> None:
     labels = [(f"{r['front']}\n" if len(fronts) > 1 else "") + f"{r['batch']} {r['variant']}\n"
               f"{'SSE' if r['stream'] else 'JSON'}"
               + (f" /{r['stream_interval']}" if r.get("stream_interval", 1) != 1 else "")
-              + (f" b{r['stream_budget']}" if r.get("stream_budget") not in (None, budget) else "") for r in rows]
+              + (f" b{r['stream_budget']}" if r.get("stream_budget") not in (None, budget) else "")
+              + (" ingress" if r.get("ingress", "auto") != "auto" else "") for r in rows]
     _bars(ax, labels, [r["http_over_engine"] for r in rows], "HTTP tok/s / engine-alone tok/s", "", fmt="{:.2f}")
     ax.axhline(0.8, color="gray", ls="--", lw=1)
     ax.tick_params(axis="x", labelsize=5 if len(fronts) > 1 else 6)
@@ -83,7 +84,7 @@ def draw_tax(ax, result: dict) -> None:
     title = []
     for front in fronts:
         mine = {r["variant"]: r["http_over_engine"] for r in rows
-                if r["front"] == front and r["batch"] == b and not r["stream"]}
+                if r["front"] == front and r["batch"] == b and not r["stream"] and r.get("ingress", "auto") == "auto"}
         title.append(f"{front} front {mine['base']:.2f}x (base), {mine['mixed']:.2f}x (mixed)")
     ax.set_title(f"serving tax, HTTP / engine at batch {b}: " + "; ".join(title), fontsize=8)
 

@@ -18,10 +18,14 @@
    `--stream-intervals`, one more server per interval on the first front (EngineConfig.stream_interval:
    tokens per streamed event), and with `--stream-budgets` one per budget
    (EngineConfig.stream_events_per_step: streamed events per step under load), streamed waves only.
+   With `--separate-ingress`, one more server on the first front with the API in an Ingress deployment
+   of its own (BDLORA_INGRESS=separate: a request crosses one more process) where the default one-group
+   app serves it from the group's replica (deploy/app.py), streamed and not.
 3. During the batch-32 waves (streamed and not), the CPU time of each serving process (psutil: the HTTP
-   front (the Serve proxy; or HAProxy and its manager actor), the ingress replica, the group replica
-   that runs rank 0, the rank > 0 worker actors, this client) per generated token, and the group
-   replica's split into its engine thread and the rest.
+   front (the Serve proxy; or HAProxy and its manager actor), the ingress replica if the API has one
+   ("-" where the group's replica serves the API), the group replica that runs rank 0, the rank > 0
+   worker actors, this client) per generated token, and the group replica's split into its engine
+   thread and the rest.
 
 The last line is `HTTP / engine at batch 32: N.NNx` (non-streamed, base model, the default front);
 the lines above it give mixed adapters and the other front; the table has every front, batch size
@@ -77,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-budgets", type=int, nargs="*", default=[],
                    help="also serve at these streamed-event budgets per step (0: none; the other servers use "
                         "the default), on the first front, streamed waves only")
+    p.add_argument("--separate-ingress", action="store_true",
+                   help="also serve with the API in an Ingress deployment of its own (BDLORA_INGRESS=separate), "
+                        "on the first front, streamed and not")
     p.add_argument("--rounds", type=int, default=1,
                    help="rounds of every server's waves, the engine alone measured between them; each ratio "
                         "the median over rounds of its ratio within a round")
@@ -264,8 +271,9 @@ def over_http(args: argparse.Namespace, served: compare.Served, names: list[str]
                             ttft.append(x["first_s"])
                             if x["tokens"] > 1:
                                 tpot.append((x["done_s"] - x["first_s"]) / (x["tokens"] - 1))
-                if measure:
-                    cpu[key] = {r: 1e6 * (_cpu_s(ps) - before[r]) / tokens for r, ps in procs.items()}
+                if measure:  # None: no such process (the group's replica serves the API: no ingress replica)
+                    cpu[key] = {r: 1e6 * (_cpu_s(ps) - before[r]) / tokens if ps else None
+                                for r, ps in procs.items()}
                     threads_now = _thread_cpu_s(procs["group replica (rank 0)"])
                     cpu[key].update(_split(threads, threads_now, tokens))
                     # What the figures rest on: the kernel counts CPU time in ticks, each thread's apart, so
@@ -287,10 +295,12 @@ def run(args: argparse.Namespace) -> dict:
     specs = [DemoAdapter(f"tax-{k}", args.rank, True, "bd", seed=3000 + k) for k in range(args.adapters)]
     names = [a.name for a in specs]
     # The servers of a round: one per front, then one per extra stream interval or event budget on the
-    # first front.
+    # first front, and one with a separate ingress there.
     first = args.fronts[0]
-    servers = ([(front, 1, BUDGET) for front in args.fronts] + [(first, k, BUDGET) for k in args.stream_intervals]
-               + [(first, 1, n) for n in args.stream_budgets])
+    servers = ([(front, 1, BUDGET, "auto") for front in args.fronts]
+               + [(first, k, BUDGET, "auto") for k in args.stream_intervals]
+               + [(first, 1, n, "auto") for n in args.stream_budgets]
+               + ([(first, 1, BUDGET, "separate")] if args.separate_ingress else []))
     http_rows, cpu, ramps, sample, listening = [], {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-tax-") as d:
         model_dir, peft_dirs = compare.write_files(Path(d), specs, args.tp, args.model)
@@ -298,34 +308,45 @@ def run(args: argparse.Namespace) -> dict:
         for rnd in range(args.rounds):
             # One server after the other (in reverse order every other round), against the engine
             # figures measured just before and just after them; the CPU figures are the last round's.
-            for front, interval, budget in servers if rnd % 2 == 0 else servers[::-1]:
+            for front, interval, budget, ingress in servers if rnd % 2 == 0 else servers[::-1]:
                 server = replace(compare.server_config(args, num_pages=2048, stream_interval=interval,
-                                                       stream_events_per_step=budget), front=front)
+                                                       stream_events_per_step=budget), front=front, ingress=ingress)
                 with compare.local_server(Path(d), specs, server, args.progress) as served:
                     compare.warm_up(served, names, args.progress)
-                    key = f"{front}{_streaming(interval, budget)}"  # the front alone for the defaults
-                    if key == front:
+                    key = f"{front}{_streaming(interval, budget)}{_layout(ingress)}"  # the front alone: defaults
+                    if interval == 1 and budget == BUDGET:
                         rows, cpu[key], ramps[key], sample[key] = over_http(args, served, names)
                         listening[key] = listeners(int(served.url.rsplit(":", 1)[1]))
                     else:  # streamed events of several tokens: what they save
                         rows, cpu[key], _, _ = over_http(args, served, names, streams=(True,))
-                http_rows += [{"front": front, "stream_interval": interval, "stream_budget": budget, "round": rnd, **r}
-                              for r in rows]
+                http_rows += [{"front": front, "stream_interval": interval, "stream_budget": budget,
+                               "ingress": ingress, "round": rnd, **r} for r in rows]
             engines.append(engine_alone(args, model_dir, peft_dirs))  # the servers gone again
     engine_rows, http_rows = aggregate(engines, http_rows)
     engine = {(r["batch"], r["variant"]): r["tokens_per_s"] for r in engine_rows}
     b = max(args.batches)
     step_ms = 1e3 / engine[(1, "base")] if (1, "base") in engine else None
     ratios = {}
-    for front in args.fronts:
-        mine = [r for r in http_rows if r["front"] == front]
+    for front, ingress in [(f, "auto") for f in args.fronts] + ([(first, "separate")] if args.separate_ingress else []):
+        mine = [r for r in http_rows if r["front"] == front and r["ingress"] == ingress]
         for v in ("base", "mixed"):
-            ratios[f"HTTP / engine at batch {b} ({v}{_behind(front)})"] = next(
+            ratios[f"HTTP / engine at batch {b} ({v}{_behind(front)}{_layout(ingress)})"] = next(
                 r["http_over_engine"] for r in mine if r["batch"] == b and r["variant"] == v and not r["stream"])
         for r in mine:
             if r["batch"] == b and r["stream"]:
                 ratios[f"streamed HTTP / engine at batch {b} ({r['variant']}{_behind(front)}"
-                       f"{_streaming(r['stream_interval'], r['stream_budget'])})"] = r["http_over_engine"]
+                       f"{_streaming(r['stream_interval'], r['stream_budget'])}{_layout(ingress)})"] = (
+                    r["http_over_engine"])
+        if ingress != "auto":  # the API in the group's replica / in an Ingress of its own, HTTP tok/s per round
+            for r in mine:
+                if r["batch"] == b:
+                    auto = next(a for a in http_rows if a["front"] == front and a["ingress"] == "auto"
+                                and (a["stream_interval"], a["stream_budget"]) == (1, BUDGET)
+                                and (a["batch"], a["variant"], a["stream"]) == (b, r["variant"], r["stream"]))
+                    ratios[f"HTTP tok/s, API in the group / separate ingress at batch {b} ({r['variant']}"
+                           f"{', streamed' if r['stream'] else ''})"] = percentile(
+                        [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(auto["rounds"], r["rounds"])], 50)
+            continue
         single = next((r for r in mine if r["batch"] == 1 and r["variant"] == "base" and r["stream"]
                        and (r["stream_interval"], r["stream_budget"]) == (1, BUDGET)), None)
         if single and single["tpot_ms_p50"] and step_ms:
@@ -335,7 +356,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": {"tp": args.tp, "adapters": args.adapters, "rank": args.rank, "tokens": args.tokens,
                    "waves": args.waves, "batches": args.batches, "fronts": args.fronts,
                    "stream_intervals": [1, *args.stream_intervals], "stream_budgets": [BUDGET, *args.stream_budgets],
-                   "rounds": args.rounds,
+                   "separate_ingress": args.separate_ingress, "rounds": args.rounds,
                    "model": compare.model_info(args), "device": "cpu"},
         "engine": engine_rows, "http": http_rows, "cpu_us_per_token": cpu, "cpu_sample": sample,
         "wave_ramp": ramps, "ratios": ratios,
@@ -357,8 +378,8 @@ def aggregate(engines: list[list[dict]], rows: list[dict]) -> tuple[list[dict], 
                     "rounds": per_round[k], "measurements": measured[k]} for k in keys]
     cases: dict[tuple, list[dict]] = {}
     for r in rows:
-        cases.setdefault((r["front"], r["stream_interval"], r["stream_budget"], r["batch"], r["variant"], r["stream"]),
-                         []).append(r)
+        cases.setdefault((r["front"], r["stream_interval"], r["stream_budget"], r["ingress"], r["batch"], r["variant"],
+                          r["stream"]), []).append(r)
     out = []
     for group in cases.values():
         for r in group:
@@ -371,8 +392,8 @@ def aggregate(engines: list[list[dict]], rows: list[dict]) -> tuple[list[dict], 
 
         figures = ("tokens_per_s", "engine_tokens_per_s", "http_over_engine", "ttft_ms_p50", "tpot_ms_p50",
                    "tpot_ms_p90")
-        out.append({**{k: group[0][k] for k in ("front", "stream_interval", "stream_budget", "batch", "variant",
-                                                "stream")},
+        out.append({**{k: group[0][k] for k in ("front", "stream_interval", "stream_budget", "ingress", "batch",
+                                                "variant", "stream")},
                     **{f: median(f) for f in figures},
                     "rounds": [{k: r[k] for k in ("round", *figures)} for r in group]})
     return engine_rows, out
@@ -389,6 +410,11 @@ def _streaming(k: int, budget: int = BUDGET) -> str:
         "" if budget == BUDGET else f", {budget} events per step" if budget else ", no event budget")
 
 
+def _layout(ingress: str) -> str:
+    """How a ratio's name tells where the API ran: nothing for the default (ApiConfig.ingress)."""
+    return "" if ingress == "auto" else ", separate ingress"
+
+
 def report(result: dict) -> list[str]:
     c = result["config"]
     rounds = c.get("rounds", 1)
@@ -396,10 +422,11 @@ def report(result: dict) -> list[str]:
              f"{c['adapters']} BD-LoRA adapters of rank {c['rank']}"
              + (f"; medians over {rounds} rounds" if rounds > 1 else ""), ""]
     lines += compare.markdown_table(
-        ["front", "batch", "variant", "streamed", "stream interval", "event budget", "engine tok/s", "HTTP tok/s",
-         "HTTP / engine", "TTFT p50 ms", "TPOT p50 ms", "TPOT p90 ms"],
+        ["front", "batch", "variant", "streamed", "stream interval", "event budget", "ingress", "engine tok/s",
+         "HTTP tok/s", "HTTP / engine", "TTFT p50 ms", "TPOT p50 ms", "TPOT p90 ms"],
         [[r["front"], r["batch"], r["variant"], "yes" if r["stream"] else "no", r["stream_interval"],
-          r["stream_budget"], r["engine_tokens_per_s"], r["tokens_per_s"], r["http_over_engine"],
+          r["stream_budget"], "in the group" if r["ingress"] == "auto" else r["ingress"], r["engine_tokens_per_s"],
+          r["tokens_per_s"], r["http_over_engine"],
           _f(r["ttft_ms_p50"]), _f(r["tpot_ms_p50"]), _f(r["tpot_ms_p90"])]
          for r in result["http"]])
     b = max(c["batches"])
@@ -408,7 +435,7 @@ def report(result: dict) -> list[str]:
         cols = [(front, v) for front in cpu for v in cpu[front]]
         lines += ["", f"CPU time per generated token (us), batch {b}:", ""]
         lines += compare.markdown_table(["process", *(f"{front}: {v}" for front, v in cols)],
-                                        [[role, *(cpu[front][v][role] for front, v in cols)]
+                                        [[role, *(_f(cpu[front][v][role]) for front, v in cols)]
                                          for role in (*ROLES, *SPLIT)])
     for front, by_variant in result.get("wave_ramp", {}).items():
         for variant, r in by_variant.items():
@@ -416,8 +443,10 @@ def report(result: dict) -> list[str]:
                           f"engine +{r['first_submit_ms']:.0f} ms, last +{r['last_submit_ms']:.0f} ms; "
                           f"{r['steps']:.0f} forward steps for {c['tokens']} tokens per request"]
     ratios = result["ratios"]
-    lines += [""] + [f"{k}: {v:.2f}x" for k, v in ratios.items() if not k.startswith("HTTP")]
-    # The default front's figures last, the base model's very last.
+    last = {f"HTTP / engine at batch {b} ({v}{_behind(front)})" for front in c["fronts"]
+            for v in ("base", "mixed")}
+    lines += [""] + [f"{k}: {v:.2f}x" for k, v in ratios.items() if k not in last]
+    # Each front's batch-b figures last: the default front's, the base model's very last.
     for front in sorted(c["fronts"], key=lambda f: f == FRONTS[0]):
         lines.append(f"HTTP / engine at batch {b} (mixed{_behind(front)}): "
                      f"{ratios[f'HTTP / engine at batch {b} (mixed{_behind(front)})']:.2f}x")

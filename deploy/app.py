@@ -1,15 +1,25 @@
-"""The Ray Serve application: an HTTP ingress and the replica-group deployment.
+"""The Ray Serve application: the HTTP API and the replica-group deployment.
 
-    HTTP -> Ingress (FastAPI, deploy.api) --multiplexed_model_id=adapter--> EngineGroupDeployment
-                                                (one EngineGroup: TP rank 0 and the engine loop here,
-                                                 ranks 1..TP-1 in worker actors)
+One group (`max_groups` 1, the default), one deployment: the group's replica serves the API itself,
+as vLLM's API server fronts its one engine and Ray Serve LLM's replica owns its engine:
 
-Each `EngineGroupDeployment` replica reserves a STRICT_PACK placement group
-of TP bundles: bundle 0 is the replica itself, which runs TP rank 0 and the
-engine loop in its own process (so tokens reach the request handlers with no
-process hop), bundles 1..TP-1 hold the other ranks' actors. Serve autoscales
-the number of groups, and replaces a replica whose group broke (a TP worker
-died): `check_health` raises.
+    HTTP -> Serve's proxy -> EngineGroup replica: the API (FastAPI, deploy.api) and its group in
+                             process (TP rank 0 and the engine loop; ranks 1..TP-1 in worker actors)
+
+Several groups: an Ingress deployment in front, which routes each request to a group with its
+adapter (Serve's model multiplexing, deploy/routing.py):
+
+    HTTP -> Serve's proxy -> Ingress (FastAPI) --multiplexed_model_id=adapter--> EngineGroup replica
+
+A request crosses one Python process less in the first layout, which on a CPU node is CPU the engine
+gets back (`python -m bench tax --ingress-layouts` measures both; bench/RESULTS.md).
+`ApiConfig.ingress` (BDLORA_INGRESS) `separate` asks for the second layout with one group too.
+
+Each `EngineGroup` replica reserves a STRICT_PACK placement group of TP bundles: bundle 0 is the
+replica itself, which runs TP rank 0 and the engine loop in its own process (so tokens reach the
+request handlers with no process hop), bundles 1..TP-1 hold the other ranks' actors. Serve
+autoscales the number of groups, and replaces a replica whose group broke (a TP worker died):
+`check_health` raises.
 `build_app` only binds deployments: nothing starts until `serve.run`.
 """
 
@@ -28,7 +38,7 @@ from bdlora_ray.request import RequestOutput
 from deploy.api import make_api
 from bdlora_ray.spec import GroupConfig
 from deploy.config import ApiConfig, AppConfig
-from deploy.routing import ServeRouter
+from deploy.routing import LocalRouter, ServeRouter
 from deploy.serving import ErrorInfo, Group, GroupServer, PromptInput
 
 log = logging.getLogger(__name__)
@@ -59,16 +69,16 @@ async def _as_data(call: Awaitable[Any]) -> Any:
         return ErrorInfo.of(e)
 
 
-@serve.deployment
-class EngineGroupDeployment:
-    """One replica group. Serve routes adapter requests by `multiplexed_model_id`: a group reports
-    the adapters it has loaded through `@serve.multiplexed`, and requests for them come here first."""
+class EngineGroupReplica:
+    """One replica group. Behind an Ingress, Serve routes adapter requests by `multiplexed_model_id`:
+    a group reports the adapters it has loaded through `@serve.multiplexed`, and requests for them
+    come here first."""
 
     def __init__(self, spec: GroupConfig, factory: GroupFactory | None = None) -> None:
         self.group = (factory or engine_group)(spec)
         remember = serve.multiplexed(max_num_models_per_replica=spec.max_adapters_per_group)(_affinity_loader())
-        self.server = GroupServer(self.group, remember)
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.server = GroupServer(self.group, remember, replica=self.replica)
         log.info("replica group up: model %s, TP %d", self.group.model_name, spec.tp)
 
     async def generate(self, inp: PromptInput) -> AsyncIterator[RequestOutput | ErrorInfo]:
@@ -96,8 +106,7 @@ class EngineGroupDeployment:
         return await _as_data(self.server.list_adapters())
 
     async def stats(self) -> dict | ErrorInfo:
-        stats = await _as_data(self.server.stats())
-        return stats if isinstance(stats, ErrorInfo) else {**stats, "replica": self.replica}
+        return await _as_data(self.server.stats())
 
     async def pool_usage(self) -> list[dict] | ErrorInfo:
         """Every TP rank's page-pool usage (rank order)."""
@@ -120,6 +129,25 @@ class EngineGroupDeployment:
             group.shutdown()
 
 
+EngineGroupDeployment = serve.deployment(EngineGroupReplica, name="EngineGroup")
+
+
+@serve.ingress()
+class ServingGroupReplica(EngineGroupReplica):
+    """The one group of a one-group app, serving the HTTP API itself: the API's router is this
+    replica's own group, called in process (no Serve call between the API and the engine)."""
+
+    def __init__(self, spec: GroupConfig, config: ApiConfig, factory: GroupFactory | None = None) -> None:
+        super().__init__(spec, factory)
+        self.config = config
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return make_api(LocalRouter([self.server]), self.config)
+
+
+ServingGroupDeployment = serve.deployment(ServingGroupReplica, name="EngineGroup")
+
+
 @serve.deployment
 @serve.ingress()
 class Ingress:
@@ -132,12 +160,14 @@ class Ingress:
 
 
 def build_app(config: AppConfig, factory: GroupFactory | None = None) -> Application:
-    """Bind the deployments for `config` (starts nothing)."""
+    """Bind the deployments for `config` (starts nothing): one (the group serves the API) or two (an
+    Ingress in front of the groups), see the module docstring and `AppConfig.api_in_group`."""
     spec, api = config.group, config.api
     assert api is not None
     first = spec.bundles()[0]  # this replica runs TP rank 0
-    groups = EngineGroupDeployment.options(
-        name="EngineGroup",
+    deployment, args = ((ServingGroupDeployment, (spec, api, factory)) if config.api_in_group
+                        else (EngineGroupDeployment, (spec, factory)))
+    groups = deployment.options(
         placement_group_bundles=spec.bundles(),
         placement_group_strategy="STRICT_PACK",  # all TP workers of a group on one node
         ray_actor_options={"num_cpus": first["CPU"], "num_gpus": first.get("GPU", 0),  # bundle 0
@@ -147,7 +177,9 @@ def build_app(config: AppConfig, factory: GroupFactory | None = None) -> Applica
         health_check_period_s=10,
         health_check_timeout_s=60,
         graceful_shutdown_timeout_s=config.scaling.graceful_shutdown_timeout_s,  # scale-down drains
-    ).bind(spec, factory)
+    ).bind(*args)
+    if config.api_in_group:
+        return groups
     return Ingress.options(
         name="Ingress", num_replicas=api.ingress_replicas, max_ongoing_requests=api.max_ongoing_requests,
         # I/O only; it must not take a CPU a TP worker needs. On the head node, beside Serve's HTTP proxy:

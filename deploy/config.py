@@ -16,6 +16,8 @@ variables (see README.md and deploy/serve_config.yaml):
     BDLORA_UPSCALE_DELAY_S, BDLORA_DOWNSCALE_DELAY_S, BDLORA_LOOK_BACK_PERIOD_S   how fast Serve reacts to load
     BDLORA_GRACEFUL_SHUTDOWN_TIMEOUT_S   how long a group being removed may take to finish its requests
     BDLORA_ADMIN_TOKEN      bearer token for POST/DELETE /v1/adapters (unset: open)
+    BDLORA_INGRESS          auto (default): with one group the group's replica serves the API; separate: an
+                            Ingress deployment in front, as with several groups (deploy/app.py)
     BDLORA_S3_MAX_ATTEMPTS, BDLORA_S3_CONNECT_TIMEOUT_S, BDLORA_S3_READ_TIMEOUT_S   how long a cold adapter
                             may wait for an unreachable or throttling S3 before its request gets 503
     BDLORA_ENGINE_<FIELD>   any EngineConfig field, e.g. BDLORA_ENGINE_MAX_NUM_SEQS=64
@@ -38,6 +40,7 @@ from deploy.cluster_env import FRONTS
 
 ENV_PREFIX = "BDLORA_"
 ENGINE_PREFIX = "BDLORA_ENGINE_"
+INGRESS_LAYOUTS = ("auto", "separate")        # ApiConfig.ingress: where the HTTP API runs (deploy/app.py)
 DEFAULT_STATE_DIR = ".bdlora"                 # embedded checkpoint + demo adapters, under the project
 # The embedded base models: checkpoint dir under the state dir (its name is the served name), TP degree.
 DEMO_MODELS = {"smollm2": ("SmolLM2-135M-Instruct", 3), "tiny": ("tiny-llama", 2)}
@@ -84,8 +87,17 @@ class ApiConfig:
     max_body_bytes: int = 4 << 20                # larger request bodies get 413
     max_adapter_labels: int = 100                # distinct adapter label values in /metrics, rest "_other"
     backend_timeout_s: float = 30.0              # admin and stats calls to the groups
-    ingress_replicas: int = 1
+    ingress_replicas: int = 1                    # Ingress replicas, when the API has a deployment of its own
     max_ongoing_requests: int = 1024             # per ingress replica (each stream holds one)
+    # Where the API runs (deploy/app.py): "auto" in the group's own replica when the app has one group
+    # and one ingress replica, else in an Ingress deployment in front of the groups; "separate" always there.
+    ingress: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.ingress not in INGRESS_LAYOUTS:
+            raise ValueError(f"BDLORA_INGRESS={self.ingress!r}: one of {', '.join(INGRESS_LAYOUTS)}")
+        if self.ingress_replicas < 1:
+            raise ValueError(f"BDLORA_INGRESS_REPLICAS={self.ingress_replicas}: at least 1")
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,13 @@ class AppConfig:
     def __post_init__(self) -> None:
         if self.api is None:
             object.__setattr__(self, "api", ApiConfig(model_name=self.group.served_name))
+
+    @property
+    def api_in_group(self) -> bool:
+        """Whether the group's replica serves the API itself (one deployment; deploy/app.py): with one
+        group there is nothing to route, so the Ingress's process hop buys nothing."""
+        assert self.api is not None
+        return self.api.ingress == "auto" and self.scaling.max_groups == 1 and self.api.ingress_replicas == 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AppConfig:
@@ -154,7 +173,7 @@ class AppConfig:
         api = ApiConfig(model_name=group.served_name, admin_token=r.str("ADMIN_TOKEN", ""),
                         max_body_bytes=r.int("MAX_BODY_BYTES", 4 << 20),
                         max_adapter_labels=r.int("MAX_ADAPTER_LABELS", 100),
-                        ingress_replicas=r.int("INGRESS_REPLICAS", 1))
+                        ingress_replicas=r.int("INGRESS_REPLICAS", 1), ingress=r.str("INGRESS", "auto"))
         return cls(group=group, scaling=scaling, api=api, embedded=embedded)
 
 

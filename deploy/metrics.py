@@ -1,9 +1,10 @@
 """Prometheus metrics of the API (`GET /metrics`), label sets bounded.
 
-Request metrics are counted by the ingress replica that served the request;
-engine metrics (queue, pool pages, adapter loads) are read from every
-replica group when /metrics is scraped, summed over groups. Each ingress
-replica answers for itself, so scrape each one (or run one).
+Request metrics are counted by the replica that served the request's API
+(the group's own in a one-group app, else an ingress replica); engine metrics
+(queue, pool pages, adapter loads) are read from every replica group when
+/metrics is scraped, summed over groups. Each ingress replica answers for
+itself, so scrape each one (or run one).
 
 Labels stay bounded: `route` is the route template (`/v1/adapters/{name}`,
 `unmatched` for anything else), `status` an HTTP status, `adapter` one of

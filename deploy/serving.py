@@ -97,9 +97,11 @@ class GroupServer:
     and a name that does not exist is never registered as affinity.
     """
 
-    def __init__(self, group: Group, remember: Callable[[str], Awaitable[Any]] | None = None) -> None:
+    def __init__(self, group: Group, remember: Callable[[str], Awaitable[Any]] | None = None,
+                 replica: str | None = None) -> None:
         self.group = group
         self.remember = remember
+        self.replica = replica  # the Serve replica's id, if any: named in stats()
         # A token's text for logprobs (the token decoded alone, as vLLM shows it; EOS and other special
         # tokens are "", as in the text), cached by id.
         self._token_text = functools.lru_cache(maxsize=1 << 16)(
@@ -207,7 +209,8 @@ class GroupServer:
         return await self.group.list_adapters()
 
     async def stats(self) -> dict:
-        return await self.group.stats()
+        stats = await self.group.stats()
+        return stats if self.replica is None else {**stats, "replica": self.replica}
 
     async def pool_usage(self) -> list[dict]:
         return await self.group.pool_usage()

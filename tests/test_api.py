@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -540,22 +542,26 @@ SERVE_APP = "bdlora-test"
 @dataclass(frozen=True)
 class Served:
     kind: str                 # "fake": fake groups; "engine": real TP=2 EngineGroups
+    n_groups: int             # 2: an Ingress routes to them; 1: the group's replica serves the API itself
     url: str
     groups: Any               # DeploymentHandle of the replica groups
     adapters: tuple[str, ...]  # three servable adapters
     models: tuple[str, ...]   # what /v1/models lists
 
 
-@pytest.fixture(scope="module", params=["fake", "engine"])
+@pytest.fixture(scope="module", params=[("fake", 2), ("fake", 1), ("engine", 2)],
+                ids=["fake", "fake-one-group", "engine"])
 def served(request, ray_session, tmp_path_factory):
-    """The app with two replica groups on 127.0.0.1:<free port>, as `serve run deploy:app` runs it."""
+    """The app on 127.0.0.1:<free port>, as `serve run deploy:app` runs it: two replica groups behind an
+    Ingress, or one group whose replica serves the API itself (deploy/app.py)."""
+    kind, n_groups = request.param
     import ray.cloudpickle
     from ray import serve
 
     from deploy.seed import DEMO_ADAPTERS, DemoAdapter, seed_adapters, write_checkpoint
 
     affinity = tuple(f"aff-{i}" for i in range(4))  # fresh adapters for the routing test
-    if request.param == "fake":
+    if kind == "fake":
         # The fake groups live in this test module, which Serve's workers cannot import: ship it by value.
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         spec = GroupConfig(model_path=f"/nonexistent/{BASE}", tp=2, worker_cpus=0.2)
@@ -572,9 +578,10 @@ def served(request, ray_session, tmp_path_factory):
         spec = GroupConfig(model_path=str(model), adapters_uri=uri, tp=2, worker_cpus=0.2,
                            engine=EngineConfig(max_model_len=128), env_vars=without_credentials(s3.env))
         factory, adapters, models = None, tuple(names[:3]), (BASE, *sorted(names))
-    config = AppConfig(group=spec, scaling=ScalingConfig(min_groups=2, max_groups=2))
+    config = AppConfig(group=spec, scaling=ScalingConfig(min_groups=n_groups, max_groups=n_groups))
+    assert config.api_in_group == (n_groups == 1)
     with serve_app(config, factory, SERVE_APP) as url:
-        yield Served(request.param, url, serve.get_deployment_handle("EngineGroup", SERVE_APP), adapters, models)
+        yield Served(kind, n_groups, url, serve.get_deployment_handle("EngineGroup", SERVE_APP), adapters, models)
 
 
 def _group_stats(groups) -> dict[str, dict]:
@@ -632,11 +639,13 @@ def test_served_openai_client_completions_chat_streams_models_and_errors(served)
     assert complete(served.adapters[0]).choices[0].text == alone[served.adapters[0]].choices[0].text
     assert httpx.get(f"{served.url}/health", timeout=60).json() == {"status": "ok"}
     metrics = httpx.get(f"{served.url}/metrics", timeout=60).text
-    assert "bdlora_groups 2.0" in metrics and 'bdlora_requests_total{route="/v1/completions",status="404"} 1.0' in metrics
+    assert f"bdlora_groups {served.n_groups}.0" in metrics and 'bdlora_requests_total{route="/v1/completions",status="404"} 1.0' in metrics
 
 
 @pytest.mark.slow
 def test_served_requests_for_an_adapter_go_to_the_group_that_holds_it(served):
+    if served.n_groups == 1:
+        pytest.skip("one group: no routing between groups (its replica serves the API)")
     url, groups = served.url, served.groups
 
     def complete(name: str) -> None:
@@ -735,3 +744,41 @@ def test_sse_events_survive_readers_that_split_lines_like_str_splitlines():
     lines = sse({"text": text}).splitlines()
     assert len(lines) == 2 and lines[1] == "" and lines[0].startswith("data: ")
     assert json.loads(lines[0][len("data: "):]) == {"text": text}
+
+
+@pytest.mark.slow
+def test_served_group_replica_killed_mid_request_is_a_typed_503_from_the_ingress(served):
+    """Behind the Ingress (several groups), the death of a group's replica (TP rank 0 runs in it) ends the
+    requests in flight there with a typed 503, the other group keeps serving, and Serve rebuilds the
+    group. (A one-group app's replica serves the API itself: its connections go with it, see
+    tests/test_reliability.py.) Last for its app: it breaks a group."""
+    if served.kind != "engine" or served.n_groups == 1:
+        pytest.skip("needs real TP workers (their pids) behind an Ingress")
+    url, groups = served.url, served.groups
+    victim, stats = next(iter(_group_stats(groups).items()))
+    pid = stats["workers"][0]["pid"]  # rank 0: the replica's own process
+
+    def post(_: int) -> httpx.Response:
+        return httpx.post(f"{url}/v1/completions", timeout=120,
+                          json={"model": BASE, "prompt": "x", "max_tokens": 110, "ignore_eos": True})
+
+    with ThreadPoolExecutor(8) as pool:
+        calls = [pool.submit(post, i) for i in range(8)]
+        wait_until(lambda: _group_stats(groups)[victim].get("running", 0) > 0, 60, "requests on the victim group")
+        os.kill(pid, signal.SIGKILL)
+        responses = [c.result(timeout=120) for c in calls]  # bounded: each ends
+    failed = [r for r in responses if r.status_code != 200]
+    assert failed, "no request was running on the killed group"
+    for r in failed:
+        assert_openai_error(r, 503, "replica_group_failed")
+        assert r.headers["retry-after"] == "5"
+    assert all(r.json()["usage"]["completion_tokens"] == 110 for r in responses if r.status_code == 200)
+    def rebuilt() -> bool:
+        try:
+            now = _group_stats(groups)
+        except Exception:  # a broadcast that reached the dead replica
+            return False
+        return len(now) == 2 and victim not in now
+
+    wait_until(rebuilt, 300, "Serve to rebuild the group", poll_s=1.0)
+    assert post(0).status_code == 200 and httpx.get(f"{url}/health", timeout=60).json() == {"status": "ok"}

@@ -345,7 +345,8 @@ def test_tax_rounds_take_the_median_of_per_round_ratios_against_the_engine_aroun
 
     # The engine alone measured 4 times around 3 rounds; round i is held to the faster of i and i + 1.
     engines = [[{"batch": 32, "variant": "base", "tokens_per_s": t}] for t in (100.0, 80.0, 120.0, 90.0)]
-    http = [{"front": "python", "stream_interval": 1, "stream_budget": 16, "batch": 32, "variant": "base",
+    http = [{"front": "python", "stream_interval": 1, "stream_budget": 16, "ingress": "auto", "batch": 32,
+             "variant": "base",
              "stream": False, "round": i, "tokens_per_s": t, "ttft_ms_p50": None, "tpot_ms_p50": None,
              "tpot_ms_p90": None}
             for i, t in enumerate((90.0, 60.0, 117.0))]
@@ -362,11 +363,13 @@ def test_tax_rounds_take_the_median_of_per_round_ratios_against_the_engine_aroun
 @pytest.mark.slow
 def test_tax_comparison_end_to_end_tiny(tmp_path):
     """`python -m bench tax` at the smallest size: engine alone, then HTTP in every variant behind each
-    front (Serve's Python proxy, HAProxy) and streamed at a stream interval of 2 tokens, CPU per token
+    front (Serve's Python proxy, HAProxy), streamed at a stream interval of 2 tokens, and with the API in
+    an Ingress of its own (the default one-group app serves it from the group's replica), CPU per token
     of each serving process, the ratio last."""
     out, png = tmp_path / "tax.json", tmp_path / "tax.png"
-    cmd = [sys.executable, "-m", "bench", "tax", "--batches", "1", "2", "--waves", "1", "--tokens", "4", "--steps",
-           "2", "--stream-intervals", "2", "--no-progress", "--json", str(out), "--plot", str(png)]
+    cmd = [sys.executable, "-m", "bench", "tax", "--batches", "1", "2", "--waves", "1", "--tokens", "16", "--steps",
+           "2", "--stream-intervals", "2", "--separate-ingress", "--no-progress", "--json", str(out), "--plot",
+           str(png)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
@@ -376,35 +379,46 @@ def test_tax_comparison_end_to_end_tiny(tmp_path):
     from bdlora_ray.spec import EngineConfig
 
     assert {r["stream_budget"] for r in result["http"]} == {EngineConfig().stream_events_per_step}
-    rows = {(r["front"], r["batch"], r["variant"], r["stream"], r["stream_interval"]): r for r in result["http"]}
-    assert set(rows) == {(f, b, v, s, 1) for f in ("python", "haproxy") for b in (1, 2) for v in ("base", "mixed")
-                         for s in (False, True)} | {("python", b, v, True, 2) for b in (1, 2)
-                                                    for v in ("base", "mixed")}
+    rows = {(r["front"], r["ingress"], r["batch"], r["variant"], r["stream"], r["stream_interval"]): r
+            for r in result["http"]}
+    assert len(rows) == len(result["http"])
+    servers = (("python", "auto"), ("haproxy", "auto"), ("python", "separate"))
+    assert set(rows) == {(f, i, b, v, s, 1) for f, i in servers
+                         for b in (1, 2) for v in ("base", "mixed") for s in (False, True)} | {
+        ("python", "auto", b, v, True, 2) for b in (1, 2) for v in ("base", "mixed")}
+    for v in ("base", "mixed"):
+        for streamed in (False, True):
+            name = f"HTTP tok/s, API in the group / separate ingress at batch 2 ({v}{', streamed' if streamed else ''})"
+            auto, sep = (rows[("python", i, 2, v, streamed, 1)]["tokens_per_s"] for i in ("auto", "separate"))
+            assert result["ratios"][name] == pytest.approx(auto / sep)
+            assert f"{name}: " in p.stdout
     assert result["ratios"]["streamed HTTP / engine at batch 2 (mixed, stream interval 2)"] == pytest.approx(
-        rows[("python", 2, "mixed", True, 2)]["http_over_engine"])
+        rows[("python", "auto", 2, "mixed", True, 2)]["http_over_engine"])
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["http_over_engine"] == pytest.approx(
             r["tokens_per_s"] / r["engine_tokens_per_s"])
-        assert (r["tpot_ms_p50"] is not None) == r["stream"]  # 4 tokens streamed: TTFT and TPOT measured
+        assert (r["tpot_ms_p50"] is not None) == r["stream"]  # 16 tokens streamed: TTFT and TPOT measured
     assert float(lines[-1].split(": ")[1][:-1]) == pytest.approx(result["ratios"]["HTTP / engine at batch 2 (base)"],
                                                                  abs=0.005)
     for r in result["engine"]:  # measured before and after the servers, the faster kept
         assert len(r["measurements"]) == 2 and r["tokens_per_s"] == max(r["measurements"]) > 0
         assert r["rounds"] == [r["tokens_per_s"]]
-    for front in ("python", "haproxy"):
+    for front in ("python", "haproxy", "python, separate ingress"):
         cpu = result["cpu_us_per_token"][front]["base"]
         # Every serving process was found and measured; rank 0 does the engine's work in the group replica.
         assert set(cpu) == {"proxy", "ingress", "group replica (rank 0)", "rank > 0 workers", "client",
                             "group replica: engine thread", "group replica: gloo threads",
                             "group replica: other threads"}
         assert cpu["group replica (rank 0)"] > 0 and cpu["rank > 0 workers"] > 0
+        # The one-group app has no ingress replica (its group's replica serves the API); asked for, it has one.
+        assert (cpu["ingress"] is None) == (front != "python, separate ingress"), cpu
         # Its split by thread: each part measured, the engine thread busy, and the parts one process's
         # threads, not several processes': they add up to the whole within the kernel's rounding (CPU time
         # counted in ticks, each thread's apart, so up to a tick more for each thread that ran).
         split = [cpu[f"group replica: {part}"] for part in ("engine thread", "gloo threads", "other threads")]
         assert all(math.isfinite(v) and v >= 0 for v in split) and split[0] > 0
         sample = result["cpu_sample"][front]["base"]
-        assert sample["tokens"] == 2 * 4 and sample["group_threads_ran"] >= 1
+        assert sample["tokens"] == 2 * 16 and sample["group_threads_ran"] >= 1
         tick_us_per_token = 1e6 / os.sysconf("SC_CLK_TCK") / sample["tokens"]
         assert sum(split) <= cpu["group replica (rank 0)"] + (sample["group_threads_ran"] + 1) * tick_us_per_token
     # Which process held the HTTP port: HAProxy behind the haproxy front, Serve's Python proxy otherwise.

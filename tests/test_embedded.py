@@ -93,3 +93,34 @@ def test_http_front_is_the_python_proxy_unless_haproxy_is_asked_for():
     ports = [int(local[v]) for v in PORT_VARS]  # free ones, so two local clusters do not collide
     assert len(set(ports)) == len(ports) and all(p > 1024 for p in ports)
     assert cluster_env("haproxy", local=False) == HAPROXY_ENV
+
+
+def test_one_group_app_serves_the_api_from_its_group_replica_several_groups_behind_an_ingress():
+    from deploy import build_app
+    from deploy.app import EngineGroupReplica, ServingGroupReplica
+
+    def layout(env: dict[str, str]) -> tuple[str, list[str]]:
+        """The app's ingress deployment and the deployments it binds (its arguments that are apps)."""
+        config = AppConfig.from_env({"BDLORA_DEMO_MODEL": "tiny", **env})
+        bound = build_app(config)._bound_deployment
+        below = [a._bound_deployment.name for a in bound.init_args if hasattr(a, "_bound_deployment")]
+        assert config.api_in_group == (bound.name == "EngineGroup")
+        return bound.name, below
+
+    # One group: one deployment, the group's replica serving the API (its class the ingress kind).
+    assert layout({}) == ("EngineGroup", [])
+    assert AppConfig.from_env({}).api_in_group
+    one = build_app(AppConfig.from_env({"BDLORA_DEMO_MODEL": "tiny"}))._bound_deployment
+    assert issubclass(one.func_or_class, ServingGroupReplica)
+    # Several groups (autoscaling or fixed), more than one ingress replica, or asked for: an Ingress
+    # deployment that routes to the groups.
+    for env in ({"BDLORA_MAX_GROUPS": "2"}, {"BDLORA_NUM_GROUPS": "3"}, {"BDLORA_INGRESS_REPLICAS": "2"},
+                {"BDLORA_INGRESS": "separate"}):
+        assert layout(env) == ("Ingress", ["EngineGroup"]), env
+    sep = build_app(AppConfig.from_env({"BDLORA_DEMO_MODEL": "tiny", "BDLORA_INGRESS": "separate"}))
+    group = next(a._bound_deployment for a in sep._bound_deployment.init_args if hasattr(a, "_bound_deployment"))
+    assert group.func_or_class is EngineGroupReplica
+    with pytest.raises(ValueError, match="BDLORA_INGRESS='inline'"):
+        AppConfig.from_env({"BDLORA_INGRESS": "inline"})
+    with pytest.raises(ValueError, match="BDLORA_INGRESS_REPLICAS=0"):
+        AppConfig.from_env({"BDLORA_INGRESS_REPLICAS": "0"})

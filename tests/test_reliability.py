@@ -536,13 +536,27 @@ def test_worker_killed_mid_request_fails_in_flight_then_group_rebuilds(app, refs
         plain = [pool.submit(app.http.post, "/v1/completions", json={**long, "model": m}) for m in (BASE, *WARM)]
         assert streaming.wait(120), "the stream never started"
         os.kill(pids[rank], signal.SIGKILL)
-        events = stream.result(timeout=120)  # bounded: ends, never hangs
+        try:
+            events, cut = stream.result(timeout=120), None  # bounded: ends, never hangs
+        except httpx.HTTPError as e:
+            events, cut = [], e
         responses = [f.result(timeout=120) for f in plain]
-    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "replica_group_failed", events[-2:]
-    assert not [e for e in events[:-2] if e["choices"][0]["finish_reason"] is not None]  # cut short
-    for r in responses:
-        assert_openai_error(r, 503, "replica_group_failed")
-        assert r.headers["retry-after"] == "5"
+    if rank > 0:  # a TP worker actor: the group's replica answers every request in flight with a typed 503
+        assert cut is None and events[-1] == "[DONE]", events[-2:]
+        assert events[-2]["error"]["code"] == "replica_group_failed", events[-2:]
+        assert not [e for e in events[:-2] if e["choices"][0]["finish_reason"] is not None]  # cut short
+        for r in responses:
+            assert_openai_error(r, 503, "replica_group_failed")
+            assert r.headers["retry-after"] == "5"
+    else:
+        # Rank 0 runs in the group's replica, which in a one-group app serves the API too (deploy/app.py):
+        # its connections go with it. The stream stops without a finish, and Serve's proxy answers each
+        # plain request in flight with an error of its own; none hangs. (Behind an Ingress, with several
+        # groups or BDLORA_INGRESS=separate, they get the typed 503 above: tests/test_api.py.)
+        assert cut is not None or any(isinstance(e, dict) and "error" in e for e in events), events[-2:]
+        assert not [e for e in events if isinstance(e, dict) and e.get("choices")
+                    and e["choices"][0]["finish_reason"] is not None]
+        assert all(r.status_code >= 500 for r in responses), [(r.status_code, r.text[:200]) for r in responses]
 
     def served_again() -> str | None:
         r = app.complete(WARM[0])
