@@ -308,7 +308,7 @@ def test_fuzzed_request_bodies_never_harm_the_server(app, refs):
         assert app.text(m) == want, m
     def drained() -> list[dict] | None:  # a response may end a moment before its sequence is released
         usage = app.pool_usage()
-        return usage if usage[0]["sequences"] == 0 else None
+        return usage if all(u["sequences"] == 0 for u in usage) else None
 
     usage = wait_until(drained, 30, "every sequence released")
     assert usage[0] == usage[1] and usage[0]["kv_pages"] == 0  # nothing leaked, and the ranks agree
