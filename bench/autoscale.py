@@ -62,6 +62,9 @@ class Knobs:
     clients: int = 10                      # closed-loop load
     max_drain_streams: int = 4             # long streams started until each group has one
     burst: int = 10                        # requests for the adapter pushed while both groups run
+    # Tokens per burst request: long enough that the requests queued behind the group holding the
+    # adapter wait past Serve's multiplex matching timeout (1-2 s), after which its router tries the others.
+    burst_tokens: int = 96
     max_tokens: int = 16                   # per load request
     upscale_delay_s: float = 2.0
     downscale_delay_s: float = 6.0
@@ -414,7 +417,7 @@ def _scenario(run: Run, url: str, handle: Any, sampler: Sampler, models: list[st
     run.phase("push")
     run.pushed_adapter = "pushed-live"
     seed_adapters(model_dir, work_dir / "peft", uri, 2, (DemoAdapter(run.pushed_adapter, 8, False, "replicated", 41),))
-    burst = [threading.Thread(target=complete, args=(run, url, "burst", run.pushed_adapter, PROMPTS[0], k.max_tokens),
+    burst = [threading.Thread(target=complete, args=(run, url, "burst", run.pushed_adapter, PROMPTS[0], k.burst_tokens),
                               daemon=True) for _ in range(k.burst)]
     for t in burst:
         t.start()
