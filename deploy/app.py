@@ -12,7 +12,7 @@ adapter (Serve's model multiplexing, deploy/routing.py):
     HTTP -> Serve's proxy -> Ingress (FastAPI) --multiplexed_model_id=adapter--> EngineGroup replica
 
 A request crosses one Python process less in the first layout, which on a CPU node is CPU the engine
-gets back (`python -m bench tax --ingress-layouts` measures both; bench/RESULTS.md).
+gets back (`python -m bench tax --separate-ingress` measures both; bench/RESULTS.md).
 `ApiConfig.ingress` (BDLORA_INGRESS) `separate` asks for the second layout with one group too.
 
 Each `EngineGroup` replica reserves a STRICT_PACK placement group of TP bundles: bundle 0 is the
@@ -173,7 +173,9 @@ def build_app(config: AppConfig, factory: GroupFactory | None = None) -> Applica
         ray_actor_options={"num_cpus": first["CPU"], "num_gpus": first.get("GPU", 0),  # bundle 0
                            **({"runtime_env": {"env_vars": dict(spec.env_vars)}} if spec.env_vars else {})},
         autoscaling_config=config.scaling.autoscaling_config(),
-        max_ongoing_requests=spec.max_ongoing_requests,
+        # Serving the API, the replica holds every HTTP request for its whole life, as the Ingress did.
+        max_ongoing_requests=(max(spec.max_ongoing_requests, api.max_ongoing_requests) if config.api_in_group
+                              else spec.max_ongoing_requests),
         health_check_period_s=10,
         health_check_timeout_s=60,
         graceful_shutdown_timeout_s=config.scaling.graceful_shutdown_timeout_s,  # scale-down drains

@@ -112,6 +112,8 @@ def test_one_group_app_serves_the_api_from_its_group_replica_several_groups_behi
     assert AppConfig.from_env({}).api_in_group
     one = build_app(AppConfig.from_env({"BDLORA_DEMO_MODEL": "tiny"}))._bound_deployment
     assert issubclass(one.func_or_class, ServingGroupReplica)
+    # It holds every HTTP request, as the Ingress did: the larger of the two limits.
+    assert one._deployment_config.max_ongoing_requests == 1024
     # Several groups (autoscaling or fixed), more than one ingress replica, or asked for: an Ingress
     # deployment that routes to the groups.
     for env in ({"BDLORA_MAX_GROUPS": "2"}, {"BDLORA_NUM_GROUPS": "3"}, {"BDLORA_INGRESS_REPLICAS": "2"},
