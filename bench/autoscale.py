@@ -62,6 +62,9 @@ class Knobs:
     clients: int = 10                      # closed-loop load
     max_drain_streams: int = 4             # long streams started until each group has one
     burst: int = 10                        # requests for the adapter pushed while both groups run
+    # Requests each group must have served before the push: a group that has just started answers
+    # Serve's routing probes late (its process still warming up on shared cores) and gets little traffic.
+    settle_requests: int = 8
     # Tokens per burst request: long enough that the requests queued behind the group holding the
     # adapter wait past Serve's multiplex matching timeout (1-2 s), after which its router tries the others.
     burst_tokens: int = 96
@@ -411,7 +414,8 @@ def _scenario(run: Run, url: str, handle: Any, sampler: Sampler, models: list[st
     wait_for(run, lambda: running() >= 2, "Serve to run a second group")
     run.phase("two groups")
     wait_for(run, lambda: len(stats := group_stats(handle)) == 2 and all(
-        sum(s["requests_per_adapter"].values()) > 0 for s in stats.values()), "both groups to serve requests")
+        sum(s["requests_per_adapter"].values()) >= k.settle_requests for s in stats.values()),
+        "both groups to serve requests")
 
     # An adapter pushed while both groups run, requested in a burst that one group cannot take alone.
     run.phase("push")
