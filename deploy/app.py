@@ -74,9 +74,12 @@ class EngineGroupReplica:
     a group reports the adapters it has loaded through `@serve.multiplexed`, and requests for them
     come here first."""
 
+    routed_by_adapter = True  # an Ingress routes to this group: register adapter affinity with Serve
+
     def __init__(self, spec: GroupConfig, factory: GroupFactory | None = None) -> None:
         self.group = (factory or engine_group)(spec)
-        remember = serve.multiplexed(max_num_models_per_replica=spec.max_adapters_per_group)(_affinity_loader())
+        remember = (serve.multiplexed(max_num_models_per_replica=spec.max_adapters_per_group)(_affinity_loader())
+                    if self.routed_by_adapter else None)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.server = GroupServer(self.group, remember, replica=self.replica)
         log.info("replica group up: model %s, TP %d", self.group.model_name, spec.tp)
@@ -136,6 +139,8 @@ EngineGroupDeployment = serve.deployment(EngineGroupReplica, name="EngineGroup")
 class ServingGroupReplica(EngineGroupReplica):
     """The one group of a one-group app, serving the HTTP API itself: the API's router is this
     replica's own group, called in process (no Serve call between the API and the engine)."""
+
+    routed_by_adapter = False  # no Ingress: no request of it waits on a Serve affinity call
 
     def __init__(self, spec: GroupConfig, config: ApiConfig, factory: GroupFactory | None = None) -> None:
         super().__init__(spec, factory)

@@ -66,6 +66,8 @@ class LocalRouter:
         self.inflight = [0] * len(servers)  # requests in progress per group: the load measure
 
     def pick(self, adapter: str | None) -> int:
+        if len(self.servers) == 1:  # a one-group app's own group: nothing to choose (no adapter list copied)
+            return 0
         holders = [i for i, s in enumerate(self.servers)
                    if adapter is not None and adapter in s.group.resident_adapters()]
         return min(holders or range(len(self.servers)), key=lambda i: self.inflight[i])
