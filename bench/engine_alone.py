@@ -3,10 +3,17 @@
 As bench/decode.py: TP plain processes over gloo, rank 0 steps the engine by hand (no thread, no Ray,
 no HTTP), rank > 0 follows. Each case is a batch given as one adapter name (or None) per sequence;
 its rate is decode tokens/s over `steps` steps in which every sequence decodes (prefill and adapter
-loads excluded), the fastest of `windows` windows of `steps` steps back to back, timed by the same
-function as bench/decode.py's rounds (`bench.decode.decode_windows`), as it takes each round's rate:
-on a shared machine a window that another process slowed would otherwise flatter every ratio to it. Run it before a comparison's server starts, so that nothing else competes
-for CPU.
+loads excluded), timed in `windows` windows of `steps` steps by the same function as bench/decode.py's
+rounds (`bench.decode.decode_windows`), each window on a batch of its own, prefilled just before it: each
+window then decodes at the same context positions (the prompt's 8 tokens and 1 to `steps` more) as a
+request of `steps` tokens does, where windows back to back on one batch would run at ever longer
+contexts (the attention's share of a step grows with them). Each case first runs one such window untimed
+(the first forward passes of a process, or of a batch shape, run slower), as a served comparison runs
+an untimed wave first. `measure` keeps each case's fastest window, as
+bench/decode.py takes each round's rate (engine against engine, the same estimator on both sides of a
+ratio); `measure_windows` returns every window's rate, for a comparison that holds the engine to another
+kind of measurement to take the same estimator as that one. Run it before a comparison's server starts,
+so that nothing else competes for CPU.
 """
 
 from __future__ import annotations
@@ -50,8 +57,11 @@ def _worker(rank: int, tp: int, model_dir: str, adapters: dict, cases: dict, ste
         eng = Engine(worker, load_tokenizer(model_dir), ecfg)
         rates = {}
         for label, names in cases.items():
-            timed = decode_windows(eng, names, steps, windows, f"{label}-{time.monotonic_ns()}", prompt=PROMPT)
-            rates[label] = len(names) * steps / min(w.wall_s for w in timed)
+            rates[label] = []
+            for w in range(windows + 1):  # a fresh batch each: every window spans the same context positions
+                (timed,) = decode_windows(eng, names, steps, 1, f"{label}-{w}-{time.monotonic_ns()}", prompt=PROMPT)
+                if w > 0:  # the first is untimed: it warms the batch's code paths (the first case's: the process)
+                    rates[label].append(len(names) * steps / timed.wall_s)
         eng.stop()  # tells the other ranks to stop
         Path(result).write_text(json.dumps(rates))
     leave_world(barrier=True)
@@ -62,6 +72,13 @@ def measure(model_dir: Path, adapters: dict[str, tuple[str, str]], cases: dict[s
             steps: int, engine: dict[str, Any], windows: int = 3) -> dict[str, float]:
     """{case label: decode tokens/s, the fastest of `windows` windows of `steps` steps}. adapters: name ->
     (PEFT directory, mode); engine: EngineConfig fields."""
+    return {k: max(v) for k, v in measure_windows(model_dir, adapters, cases, tp, steps, engine, windows).items()}
+
+
+def measure_windows(model_dir: Path, adapters: dict[str, tuple[str, str]], cases: dict[str, list], tp: int,
+                    steps: int, engine: dict[str, Any], windows: int = 3) -> dict[str, list[float]]:
+    """{case label: decode tokens/s of each of its `windows` windows of `steps` steps, in order}; as
+    `measure`."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as d:

@@ -1,17 +1,23 @@
 """The serving tax: how much of the engine's decode speed reaches an HTTP client, in one run.
 
 1. Engine alone (as bench/decode.py: two plain processes over gloo, rank 0 steps the engine by hand):
-   decode tokens/s at batch 1, 8 and 32, base model and mixed adapters, each the fastest of 3 windows
-   of `--steps` steps, measured before the servers start and again after they stop, the faster of the
-   two kept (a stretch another process slowed would flatter the ratio). With `--rounds R`, steps 2
-   and 3 run R times, the engine alone measured between rounds; each ratio is then the median over
-   rounds of the ratio within a round (against the engine measured just before and after it).
+   decode tokens/s at batch 1, 8 and 32, base model and mixed adapters, each the median of `--waves`
+   windows of `--steps` decode steps (by default `--tokens`: as many steps as a wave below takes),
+   measured before the servers start and again after they stop, the faster of the two kept (a stretch
+   another process slowed would flatter the ratio). With `--rounds R`, steps 2 and 3 run R times, the
+   engine alone measured between rounds; each ratio is then the median over rounds of the ratio within a
+   round (against the engine measured just before and after it).
+   The two sides of a ratio take the same estimator over as many intervals of the same length: the
+   median of `--waves` windows of `--tokens` steps against the median of `--waves` waves of `--tokens`
+   tokens per request. (On this 2-core machine the rate of a 24-step window of the engine alone spans
+   ~2500-3800 tok/s at batch 32 within a minute; the fastest of such windows, the reference before,
+   sat ~20% above the engine's typical rate, where each HTTP figure was its waves' mean.)
 2. The whole system over HTTP on the same model, TP degree and adapters (`compare.local_server`: a
    Serve app exactly as `serve run deploy:app`): closed waves of B concurrent `/v1/completions` of
    `--tokens` tokens each (greedy, EOS ignored), base and mixed adapters, streamed and not. Each case
    runs one untimed wave, then `--waves` timed ones, through one client whose connections stay open
-   between waves (as an OpenAI client's pool does). Tokens/s of a wave = its tokens / its wall time;
-   streamed waves also give TTFT and TPOT.
+   between waves (as an OpenAI client's pool does). Tokens/s of a wave = its tokens / its wall time,
+   a case's the median of its waves'; streamed waves also give TTFT and TPOT.
    Step 2 runs once per HTTP front (`--fronts`, deploy/cluster_env.py): Serve's Python proxy (the
    default) and HAProxy (Serve's HAProxy mode: HAProxy in front of the ingress replicas' own HTTP
    servers), each on a server of its own, against the same engine-alone figures. With
@@ -46,7 +52,7 @@ from typing import Callable
 import aiohttp
 
 from bench import compare
-from bench.engine_alone import measure as engine_alone_measure
+from bench.engine_alone import measure_windows as engine_alone_windows
 from bench.runner import percentile
 from bdlora_ray.spec import EngineConfig
 from deploy.cluster_env import FRONTS
@@ -71,7 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=8, help="adapter rank")
     p.add_argument("--tokens", type=int, default=64, help="generated tokens per request")
     p.add_argument("--waves", type=int, default=3, help="timed waves per batch size and variant")
-    p.add_argument("--steps", type=int, default=24, help="timed engine-alone decode steps per batch size")
+    p.add_argument("--steps", type=int, default=None,
+                   help="decode steps of each timed engine-alone window (default: --tokens, a wave's length)")
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--fronts", nargs="+", choices=FRONTS, default=list(FRONTS),
                    help="Serve's HTTP fronts to measure, each on a server of its own (deploy/cluster_env.py)")
@@ -95,9 +102,11 @@ def engine_alone(args: argparse.Namespace, model_dir: Path, peft_dirs: dict[str,
     names = sorted(peft_dirs)
     cases = {f"{b} {v}": [None] * b if v == "base" else [names[i % len(names)] for i in range(b)]
              for b in args.batches for v in ("base", "mixed")}
-    rates = engine_alone_measure(model_dir, {n: (str(p), "bd") for n, p in peft_dirs.items()}, cases, args.tp,
-                                 args.steps, dict(compare.server_config(args, num_pages=2048).engine))
-    return [{"batch": int(k.split()[0]), "variant": k.split()[1], "tokens_per_s": v} for k, v in rates.items()]
+    windows = engine_alone_windows(model_dir, {n: (str(p), "bd") for n, p in peft_dirs.items()}, cases, args.tp,
+                                   args.steps or args.tokens, dict(compare.server_config(args, num_pages=2048).engine),
+                                   windows=args.waves)
+    return [{"batch": int(k.split()[0]), "variant": k.split()[1], "tokens_per_s": percentile(v, 50), "windows": v}
+            for k, v in windows.items()]
 
 
 # ---- 2. over HTTP ---------------------------------------------------------------------------------
@@ -262,9 +271,8 @@ def over_http(args: argparse.Namespace, served: compare.Served, names: list[str]
                         threads.update(_thread_cpu_s(procs["group replica (rank 0)"]))
 
                 waves = asyncio.run(_waves(served.url, bodies, stream, args.waves, on_start))
-                walls, tokens, ttft, tpot = [], 0, [], []
-                for _, wall, res in waves:
-                    walls.append(wall)
+                tokens, ttft, tpot = 0, [], []
+                for _, _, res in waves:
                     tokens += sum(x["tokens"] for x in res)
                     for x in res:
                         if stream and x["first_s"] is not None:
@@ -282,7 +290,9 @@ def over_http(args: argparse.Namespace, served: compare.Served, names: list[str]
                         1 for k, t in threads_now.items() if t != threads.get(k, 0.0))}
                     if not stream:
                         ramps[variant] = _ramp(waves)
-                rows.append({"batch": b, "variant": variant, "stream": stream, "tokens_per_s": tokens / sum(walls),
+                rates = [sum(x["tokens"] for x in res) / wall for _, wall, res in waves]
+                rows.append({"batch": b, "variant": variant, "stream": stream, "tokens_per_s": percentile(rates, 50),
+                             "waves_tokens_per_s": rates,
                              "ttft_ms_p50": 1e3 * percentile(ttft, 50) if ttft else None,
                              "tpot_ms_p50": 1e3 * percentile(tpot, 50) if tpot else None,
                              "tpot_ms_p90": 1e3 * percentile(tpot, 90) if tpot else None})
@@ -354,7 +364,8 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "comparison": NAME, "anchor": ANCHOR,
         "config": {"tp": args.tp, "adapters": args.adapters, "rank": args.rank, "tokens": args.tokens,
-                   "waves": args.waves, "batches": args.batches, "fronts": args.fronts,
+                   "waves": args.waves, "steps": args.steps or args.tokens, "batches": args.batches,
+                   "fronts": args.fronts,
                    "stream_intervals": [1, *args.stream_intervals], "stream_budgets": [BUDGET, *args.stream_budgets],
                    "separate_ingress": args.separate_ingress, "rounds": args.rounds,
                    "model": compare.model_info(args), "device": "cpu"},
@@ -375,7 +386,9 @@ def aggregate(engines: list[list[dict]], rows: list[dict]) -> tuple[list[dict], 
                 for k in keys}
     per_round = {k: [max(v[i], v[i + 1]) for i in range(len(v) - 1)] for k, v in measured.items()}
     engine_rows = [{"batch": k[0], "variant": k[1], "tokens_per_s": percentile(per_round[k], 50),
-                    "rounds": per_round[k], "measurements": measured[k]} for k in keys]
+                    "rounds": per_round[k], "measurements": measured[k],
+                    "windows": [next(e.get("windows") for e in m if (e["batch"], e["variant"]) == k) for m in engines]}
+                   for k in keys]
     cases: dict[tuple, list[dict]] = {}
     for r in rows:
         cases.setdefault((r["front"], r["stream_interval"], r["stream_budget"], r["ingress"], r["batch"], r["variant"],
@@ -395,7 +408,7 @@ def aggregate(engines: list[list[dict]], rows: list[dict]) -> tuple[list[dict], 
         out.append({**{k: group[0][k] for k in ("front", "stream_interval", "stream_budget", "ingress", "batch",
                                                 "variant", "stream")},
                     **{f: median(f) for f in figures},
-                    "rounds": [{k: r[k] for k in ("round", *figures)} for r in group]})
+                    "rounds": [{k: r[k] for k in ("round", *figures, "waves_tokens_per_s")} for r in group]})
     return engine_rows, out
 
 
@@ -418,7 +431,9 @@ def _layout(ingress: str) -> str:
 def report(result: dict) -> list[str]:
     c = result["config"]
     rounds = c.get("rounds", 1)
-    lines = [f"TP={c['tp']}, {c['model']}; {c['tokens']} tokens per request, {c['waves']} waves each; mixed = "
+    lines = [f"TP={c['tp']}, {c['model']}; {c['tokens']} tokens per request, the median of {c['waves']} waves "
+             f"(the engine: of as many "
+             f"windows of {c.get('steps') or c['tokens']} steps) each; mixed = "
              f"{c['adapters']} BD-LoRA adapters of rank {c['rank']}"
              + (f"; medians over {rounds} rounds" if rounds > 1 else ""), ""]
     lines += compare.markdown_table(

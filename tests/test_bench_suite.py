@@ -344,15 +344,17 @@ def test_tax_rounds_take_the_median_of_per_round_ratios_against_the_engine_aroun
     from bench.tax import aggregate
 
     # The engine alone measured 4 times around 3 rounds; round i is held to the faster of i and i + 1.
-    engines = [[{"batch": 32, "variant": "base", "tokens_per_s": t}] for t in (100.0, 80.0, 120.0, 90.0)]
+    engines = [[{"batch": 32, "variant": "base", "tokens_per_s": t, "windows": [t - 1, t, t + 5]}]
+               for t in (100.0, 80.0, 120.0, 90.0)]
     http = [{"front": "python", "stream_interval": 1, "stream_budget": 16, "ingress": "auto", "batch": 32,
              "variant": "base",
              "stream": False, "round": i, "tokens_per_s": t, "ttft_ms_p50": None, "tpot_ms_p50": None,
-             "tpot_ms_p90": None}
+             "tpot_ms_p90": None, "waves_tokens_per_s": [t]}
             for i, t in enumerate((90.0, 60.0, 117.0))]
     engine_rows, rows = aggregate(engines, http)
     assert engine_rows == [{"batch": 32, "variant": "base", "tokens_per_s": 120.0, "rounds": [100.0, 120.0, 120.0],
-                            "measurements": [100.0, 80.0, 120.0, 90.0]}]
+                            "measurements": [100.0, 80.0, 120.0, 90.0],
+                            "windows": [[t - 1, t, t + 5] for t in (100.0, 80.0, 120.0, 90.0)]}]
     (row,) = rows
     # Per round: 90 / 100, 60 / 120, 117 / 120; the median of those, not a quotient of medians.
     assert [r["http_over_engine"] for r in row["rounds"]] == pytest.approx([0.9, 0.5, 0.975])
@@ -367,7 +369,7 @@ def test_tax_comparison_end_to_end_tiny(tmp_path):
     an Ingress of its own (the default one-group app serves it from the group's replica), CPU per token
     of each serving process, the ratio last."""
     out, png = tmp_path / "tax.json", tmp_path / "tax.png"
-    cmd = [sys.executable, "-m", "bench", "tax", "--batches", "1", "2", "--waves", "1", "--tokens", "16", "--steps",
+    cmd = [sys.executable, "-m", "bench", "tax", "--batches", "1", "2", "--waves", "2", "--tokens", "16", "--steps",
            "2", "--stream-intervals", "2", "--separate-ingress", "--no-progress", "--json", str(out), "--plot",
            str(png)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -403,6 +405,12 @@ def test_tax_comparison_end_to_end_tiny(tmp_path):
     for r in result["engine"]:  # measured before and after the servers, the faster kept
         assert len(r["measurements"]) == 2 and r["tokens_per_s"] == max(r["measurements"]) > 0
         assert r["rounds"] == [r["tokens_per_s"]]
+        # Each measurement: the median of as many windows as the HTTP cases' waves (as its waves' median).
+        assert [len(w) for w in r["windows"]] == [2, 2] and r["measurements"] == [
+            pytest.approx(sum(w) / 2) for w in r["windows"]]
+    for r in result["http"]:
+        assert len(r["rounds"][0]["waves_tokens_per_s"]) == 2
+        assert r["tokens_per_s"] == pytest.approx(sum(r["rounds"][0]["waves_tokens_per_s"]) / 2)
     for front in ("python", "haproxy", "python, separate ingress"):
         cpu = result["cpu_us_per_token"][front]["base"]
         # Every serving process was found and measured; rank 0 does the engine's work in the group replica.
@@ -418,7 +426,7 @@ def test_tax_comparison_end_to_end_tiny(tmp_path):
         split = [cpu[f"group replica: {part}"] for part in ("engine thread", "gloo threads", "other threads")]
         assert all(math.isfinite(v) and v >= 0 for v in split) and split[0] > 0
         sample = result["cpu_sample"][front]["base"]
-        assert sample["tokens"] == 2 * 16 and sample["group_threads_ran"] >= 1
+        assert sample["tokens"] == 2 * 2 * 16 and sample["group_threads_ran"] >= 1  # 2 waves of 2 requests
         tick_us_per_token = 1e6 / os.sysconf("SC_CLK_TCK") / sample["tokens"]
         assert sum(split) <= cpu["group replica (rank 0)"] + (sample["group_threads_ran"] + 1) * tick_us_per_token
     # Which process held the HTTP port: HAProxy behind the haproxy front, Serve's Python proxy otherwise.
