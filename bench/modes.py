@@ -71,7 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pages", type=int, default=4096, help="pages per layer of each rank's unified pool")
     p.add_argument("--engine-batch", type=int, default=16,
                    help="batch of the engine-alone measurement (over the mode's adapters) in the same run")
-    p.add_argument("--engine-steps", type=int, default=16, help="timed decode steps of the engine-alone measurement")
+    p.add_argument("--engine-steps", type=int, default=None,
+                   help="decode steps of each timed engine-alone window (default: --wave-tokens, as long as a wave, "
+                        "over the same context positions)")
     p.add_argument("--engine-rounds", type=int, default=5,
                    help="rounds of the engine-alone measurement (one batch per mode, ABC CBA ... order)")
     p.add_argument("--wave-rounds", type=int, default=6,
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> dict:
         rates = engine_alone.measure(model_dir, {a.name: (str(peft_dirs[a.name]), a.mode) for a in adapters},
                                      {f"{m} {k}": cases[m] for k in range(args.engine_rounds)
                                       for m in (MODES if k % 2 == 0 else MODES[::-1])},
-                                     args.tp, args.engine_steps, dict(server.engine))
+                                     args.tp, args.engine_steps or args.wave_tokens, dict(server.engine))
         engine_rounds = {m: [rates[f"{m} {k}"] for k in range(args.engine_rounds)] for m in MODES}
         engine = {m: runner.percentile(v, 50) for m, v in engine_rounds.items()}
         with compare.local_server(Path(d), adapters, server, args.progress) as served:
@@ -122,7 +124,8 @@ def run(args: argparse.Namespace) -> dict:
                    "bd_rank": bd_rank, "params_per_adapter": params, "repeats": args.repeats,
                    "requests": args.requests, "rate": args.rate, "cv": args.cv, "alpha": args.alpha,
                    "input_len": args.input_len, "output_len": args.output_len, "pages": args.pages,
-                   "engine_batch": args.engine_batch, "engine_steps": args.engine_steps, "engine_rounds": args.engine_rounds, "wave_rounds": args.wave_rounds,
+                   "engine_batch": args.engine_batch, "engine_steps": args.engine_steps or args.wave_tokens,
+                   "engine_rounds": args.engine_rounds, "wave_rounds": args.wave_rounds,
                    "wave_tokens": args.wave_tokens,
                    "model": compare.model_info(args), "device": "cpu"},
         "runs": [{"name": m, "rank": bd_rank if m == "bd" else args.lora_rank,
