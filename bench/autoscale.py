@@ -554,10 +554,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # Ray's temp paths (sockets) must stay short: a fresh dir under RAY_TMPDIR (or /tmp).
-    parent = os.environ.get("RAY_TMPDIR")
-    if parent:
-        os.makedirs(parent, exist_ok=True)  # as Ray makes it
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="asc-", dir=parent))
+    work = args.work_dir
+    if work is None:
+        parent = os.environ.get("RAY_TMPDIR")
+        if parent:
+            os.makedirs(parent, exist_ok=True)  # as Ray makes it
+        work = Path(tempfile.mkdtemp(prefix="asc-", dir=parent))
     result = run_scenario(Knobs(), work).to_json()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

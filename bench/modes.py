@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> dict:
         for mode in ("slora", "replicated"):  # the same LoRA, sharded two ways
             adapters.append(DemoAdapter(f"{mode}-{k}", args.lora_rank, False, mode, seed=2000 + k))
     server = compare.server_config(args, num_pages=args.pages)
+    engine_steps = args.engine_steps or args.wave_tokens  # by default as long as a wave
     order = [m for i in range(args.repeats) for m in (MODES if i % 2 == 0 else MODES[::-1])]
     runs: dict[str, list] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory(prefix="bench-modes-") as d:
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
         rates = engine_alone.measure(model_dir, {a.name: (str(peft_dirs[a.name]), a.mode) for a in adapters},
                                      {f"{m} {k}": cases[m] for k in range(args.engine_rounds)
                                       for m in (MODES if k % 2 == 0 else MODES[::-1])},
-                                     args.tp, args.engine_steps or args.wave_tokens, dict(server.engine))
+                                     args.tp, engine_steps, dict(server.engine))
         engine_rounds = {m: [rates[f"{m} {k}"] for k in range(args.engine_rounds)] for m in MODES}
         engine = {m: runner.percentile(v, 50) for m, v in engine_rounds.items()}
         with compare.local_server(Path(d), adapters, server, args.progress) as served:
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
                    "bd_rank": bd_rank, "params_per_adapter": params, "repeats": args.repeats,
                    "requests": args.requests, "rate": args.rate, "cv": args.cv, "alpha": args.alpha,
                    "input_len": args.input_len, "output_len": args.output_len, "pages": args.pages,
-                   "engine_batch": args.engine_batch, "engine_steps": args.engine_steps or args.wave_tokens,
+                   "engine_batch": args.engine_batch, "engine_steps": engine_steps,
                    "engine_rounds": args.engine_rounds, "wave_rounds": args.wave_rounds,
                    "wave_tokens": args.wave_tokens,
                    "model": compare.model_info(args), "device": "cpu"},

@@ -271,9 +271,9 @@ def over_http(args: argparse.Namespace, served: compare.Served, names: list[str]
                         threads.update(_thread_cpu_s(procs["group replica (rank 0)"]))
 
                 waves = asyncio.run(_waves(served.url, bodies, stream, args.waves, on_start))
-                tokens, ttft, tpot = 0, [], []
+                per_wave = [sum(x["tokens"] for x in res) for _, _, res in waves]
+                tokens, ttft, tpot = sum(per_wave), [], []
                 for _, _, res in waves:
-                    tokens += sum(x["tokens"] for x in res)
                     for x in res:
                         if stream and x["first_s"] is not None:
                             ttft.append(x["first_s"])
@@ -290,7 +290,7 @@ def over_http(args: argparse.Namespace, served: compare.Served, names: list[str]
                         1 for k, t in threads_now.items() if t != threads.get(k, 0.0))}
                     if not stream:
                         ramps[variant] = _ramp(waves)
-                rates = [sum(x["tokens"] for x in res) / wall for _, wall, res in waves]
+                rates = [n / wall for n, (_, wall, _) in zip(per_wave, waves)]
                 rows.append({"batch": b, "variant": variant, "stream": stream, "tokens_per_s": percentile(rates, 50),
                              "waves_tokens_per_s": rates,
                              "ttft_ms_p50": 1e3 * percentile(ttft, 50) if ttft else None,

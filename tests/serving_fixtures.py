@@ -25,6 +25,16 @@ def wait_until(condition: Callable[[], T], timeout_s: float, what: str, poll_s: 
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+def drained_pool(pool_usage: Callable[[], list[dict]]) -> list[dict]:
+    """Every rank's pool usage (`pool_usage()`) once no sequence is left on any rank: a response may reach
+    the client a turn of the engine loop before its sequence's pages are freed on every rank."""
+    def drained() -> list[dict] | None:
+        usage = pool_usage()
+        return usage if all(u["sequences"] == 0 for u in usage) else None
+
+    return wait_until(drained, 30, "every sequence released on every rank")
+
+
 def assert_openai_error(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
     """OpenAI's error body with `status` (and `code`, `param` when given); returns the `error` object."""
     assert r.status_code == status, r.text

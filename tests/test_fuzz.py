@@ -34,7 +34,7 @@ from bdlora_ray.synthetic import random_adapter
 from bdlora_ray.spec import EngineConfig, GroupConfig
 from bdlora_ray.store.s3 import S3Config
 from deploy.config import CREDENTIAL_VARS, ApiConfig, AppConfig, without_credentials
-from serving_fixtures import assert_openai_error, serve_app, wait_until
+from serving_fixtures import assert_openai_error, drained_pool, serve_app, wait_until
 from test_reliability_hostile import EXCEPTION_TEXT
 
 pytestmark = pytest.mark.slow
@@ -306,11 +306,7 @@ def test_fuzzed_request_bodies_never_harm_the_server(app, refs):
     assert grown and max(grown.values()) < RSS_GROWTH_LIMIT, grown
     for m, want in refs.items():  # outputs unchanged after the run
         assert app.text(m) == want, m
-    def drained() -> list[dict] | None:  # a response may end a moment before its sequence is released
-        usage = app.pool_usage()
-        return usage if all(u["sequences"] == 0 for u in usage) else None
-
-    usage = wait_until(drained, 30, "every sequence released")
+    usage = drained_pool(app.pool_usage)
     assert usage[0] == usage[1] and usage[0]["kv_pages"] == 0  # nothing leaked, and the ranks agree
 
 

@@ -37,7 +37,7 @@ from bdlora_ray.spec import EngineConfig, GroupConfig
 from bdlora_ray.store.s3 import S3Config
 from deploy.config import ApiConfig, AppConfig, without_credentials
 from s3_proxy import S3Proxy
-from serving_fixtures import assert_openai_error, serve_app, wait_until
+from serving_fixtures import assert_openai_error, drained_pool, serve_app, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -205,16 +205,6 @@ def app(ray_session, s3_server, tmp_path_factory):
 def refs(app) -> dict[str, str]:
     """Greedy outputs of the base model and the warm adapters, each sent alone."""
     return {m: app.text(m) for m in (BASE, *WARM)}
-
-
-def drained_pool(app: App) -> list[dict]:
-    """Every rank's pool usage once no sequence is left: a response may reach the client a turn of the
-    engine loop before its sequence's pages are freed on every rank (as tests/test_fuzz.py waits)."""
-    def drained() -> list[dict] | None:
-        usage = app.pool_usage()
-        return usage if all(u["sequences"] == 0 for u in usage) else None
-
-    return wait_until(drained, 30, "every sequence released on every rank")
 
 
 def assert_serving(app: App, refs: dict[str, str]) -> None:
@@ -493,7 +483,7 @@ def test_soak_500_requests_at_concurrency_32_over_50_adapters_nothing_lost(app):
     plan = [(SOAK[i % len(SOAK)] if i % 10 else BASE, i % 7 == 0) for i in range(500)]  # (model, stream)
     rng.shuffle(plan)
     prompt = {m: f"soak prompt {i}" for i, m in enumerate((BASE, *SOAK))}
-    baseline = drained_pool(app)
+    baseline = drained_pool(app.pool_usage)
 
     def run(model: str, stream: bool) -> tuple[int, str]:
         body = {"model": model, "prompt": prompt[model], "max_tokens": N, "temperature": 0, "ignore_eos": True}
@@ -516,7 +506,7 @@ def test_soak_500_requests_at_concurrency_32_over_50_adapters_nothing_lost(app):
     wrong = [(m, s, text) for (m, s), (_, text) in zip(plan, results) if text != alone[m]]
     assert wrong == [], wrong[:5]
     assert len(set(alone.values())) > len(alone) // 2  # the adapters really differ
-    usage = drained_pool(app)
+    usage = drained_pool(app.pool_usage)
     assert usage[0] == usage[1]  # the ranks agree page for page
     for u, b in zip(usage, baseline):
         assert u["kv_pages"] == b["kv_pages"] == 0 and u["sequences"] == 0
@@ -577,6 +567,6 @@ def test_worker_killed_mid_request_fails_in_flight_then_group_rebuilds(app, refs
     assert wait_until(served_again, 300, "the rebuilt group to serve", poll_s=1.0) == refs[WARM[0]]
     assert_serving(app, refs)
     assert not set(pids) & {w["pid"] for w in app.stats()["workers"]}  # every worker was replaced
-    usage = drained_pool(app)
+    usage = drained_pool(app.pool_usage)
     assert usage[0] == usage[1] and usage[0]["kv_pages"] == 0 and usage[0]["pinned_adapters"] == 0
     assert app.http.get("/health").json() == {"status": "ok"}
